@@ -1,0 +1,297 @@
+"""The `farm` command: parse arguments, call farm.api, show the answer. No logic of its own.
+
+Exit codes: 0 everything succeeded, 1 some tasks failed, 2 bad input (one line on stderr),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from farm import api
+from farm.errors import FarmError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="farm: render generative-video campaigns on a Ray cluster, catalogued in Parquet.",
+    pretty_exceptions_enable=False,
+)
+# Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+
+
+class ResultsFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+ManifestArg = Annotated[Path, typer.Argument(help="The campaign manifest (YAML).", show_default=False)]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table for people, json for scripts.")]
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="Where videos go; overrides the manifest's output:.")
+]
+
+
+def _json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@app.command()
+def validate(manifest: ManifestArg) -> None:
+    """Check a manifest: schema, placeholders, sizes the model can take. Renders nothing."""
+    mf, count = api.validate(manifest)
+    out.print(f"[green]ok[/green] {manifest}: campaign {mf.manifest.campaign}, {count} tasks, model {mf.model.spec}")
+
+
+@app.command()
+def plan(
+    manifest: ManifestArg,
+    output: OutputOpt = None,
+    show: Annotated[int, typer.Option(help="List this many of the tasks that will render.")] = 10,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Show what submitting a manifest would do: tasks, already done, to render."""
+    p = api.plan(manifest, output)
+    mf = p.manifest
+    summary = {
+        "campaign": mf.manifest.campaign,
+        "manifest": str(manifest),
+        "model": mf.model.spec,
+        "output": mf.output,
+        "tasks": len(p.tasks),
+        "identical_collapsed": p.expanded - len(p.tasks),
+        "already_done": len(p.done),
+        "to_render": len(p.to_render),
+        "max_attempts": mf.max_attempts,
+    }
+    if fmt is Format.json:
+        summary["to_render_tasks"] = [
+            {"task_id": t.task_id, "prompt": t.prompt, "seed": t.seed, "variant": t.variant_dict,
+             "width": t.settings.width, "height": t.settings.height, "frames": t.settings.frames}
+            for t in p.to_render
+        ]
+        _json(summary)
+        return
+    for key, value in summary.items():
+        out.print(f"{key.replace('_', ' '):>20}: {value}")
+    if p.to_render and show > 0:
+        table = Table(title=f"first {min(show, len(p.to_render))} of {len(p.to_render)} to render")
+        for column in ("task", "size", "seed", "prompt"):
+            table.add_column(column)
+        for t in p.to_render[:show]:
+            s = t.settings
+            table.add_row(t.task_id[:12], f"{s.width}x{s.height}x{s.frames}", str(t.seed), t.prompt)
+        out.print(table)
+
+
+@app.command()
+def submit(
+    manifest: ManifestArg,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to use (e.g. 10.0.0.5:6379); default: an embedded local Ray.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Renderers to start; default one per GPU, else per core.")] = None,
+    output: OutputOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Render every task of a manifest that is not done yet, and catalog every attempt."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    show = fmt is Format.table
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show,
+    )
+    bar: list = []
+
+    def on_plan(p: api.Plan, job_id: str) -> None:
+        if show:
+            err.print(f"job [bold]{job_id}[/bold]: {len(p.tasks)} tasks, {len(p.done)} already done, "
+                      f"{len(p.to_render)} to render")
+        if p.to_render:
+            bar.append(progress.add_task("rendering", total=len(p.to_render), detail="starting renderers…"))
+
+    def on_progress(pr) -> None:
+        if bar:
+            progress.update(bar[0], completed=pr.succeeded + pr.failed,
+                            detail=f"done {pr.succeeded} · failed {pr.failed} · ETA {_duration(pr.eta_s)}")
+
+    with progress:
+        result = api.submit(manifest, address=address, workers=workers, output=output,
+                            on_progress=on_progress, on_plan=on_plan)
+    run = result.run
+    summary = {
+        "job_id": result.job_id,
+        "tasks": len(result.plan.tasks),
+        "already_done": len(result.plan.done) + result.recovered,
+        "rendered": run.succeeded if run else 0,
+        "failed": run.failed if run else 0,
+        "attempts": run.attempts if run else 0,
+        "elapsed_s": round(run.elapsed_s, 2) if run else 0.0,
+        "renderers": len(result.renderers),
+        "outputs": result.output,
+        "catalog": result.catalog_root,
+    }
+    if show:
+        colour = "red" if summary["failed"] else "green"
+        out.print(f"[{colour}]job {result.job_id}[/{colour}]: {summary['rendered']} rendered, "
+                  f"{summary['already_done']} already done, {summary['failed']} failed "
+                  f"in {_duration(summary['elapsed_s'])} on {summary['renderers']} renderers")
+        out.print(f"videos:  {result.output}")
+        out.print(f"catalog: {result.catalog_root}")
+        if summary["failed"]:
+            out.print(f"see the errors with: farm results {result.job_id} --status failed")
+    else:
+        _json(summary)
+    raise typer.Exit(EXIT_FAILED if summary["failed"] else EXIT_OK)
+
+
+def _status_dict(s) -> dict:
+    return {
+        "job_id": s.job.job_id,
+        "campaign": s.job.campaign,
+        "submitted_at": s.job.submitted_at.isoformat(),
+        "user": s.job.user,
+        "state": s.state,
+        "tasks": s.job.task_count,
+        **s.counts,
+        "attempts": s.attempts,
+        "rendered_by_this_job": s.rendered,
+        "model": s.job.model,
+        "output": s.job.output,
+        "manifest": s.job.manifest_path,
+    }
+
+
+@app.command()
+def jobs(fmt: FormatOpt = Format.table) -> None:
+    """List the jobs in the catalog, oldest first."""
+    rows = [_status_dict(s) for s in api.jobs()]
+    if fmt is Format.json:
+        _json(rows)
+        return
+    if not rows:
+        out.print("no jobs yet: farm submit MANIFEST")
+        return
+    table = Table()
+    for column in ("job", "campaign", "submitted", "state", "tasks", "succeeded", "failed", "pending"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["job_id"], r["campaign"], r["submitted_at"][:19], r["state"], str(r["tasks"]),
+                      str(r["succeeded"]), str(r["failed"]), str(r["pending"]))
+    out.print(table)
+
+
+@app.command()
+def status(
+    job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or a campaign name for its newest job).")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Where a job stands: tasks succeeded, failed, pending."""
+    data = _status_dict(api.status(job))
+    if fmt is Format.json:
+        _json(data)
+        return
+    for key, value in data.items():
+        out.print(f"{key.replace('_', ' '):>22}: {value}")
+
+
+RESULT_COLUMNS = ("task_id", "status", "attempt", "seed", "width", "height", "frames", "bytes", "generate_s",
+                  "output_uri", "error")
+
+
+@app.command()
+def results(
+    job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or a campaign name).")],
+    fmt: Annotated[ResultsFormat, typer.Option("--format", "-f", help="table, csv or json.")] = ResultsFormat.table,
+    status_filter: Annotated[
+        str | None, typer.Option("--status", help="Only tasks with this status (succeeded, failed).")
+    ] = None,
+) -> None:
+    """One row per task of a job: its clip, or its last error."""
+    _, rows = api.results(job)
+    if status_filter:
+        rows = [r for r in rows if r["status"] == status_filter]
+    for r in rows:
+        r["variant"] = dict(r["variant"] or [])
+    if fmt is ResultsFormat.json:
+        _json(rows)
+        return
+    if fmt is ResultsFormat.csv:
+        buffer = io.StringIO()
+        variant_keys = sorted({k for r in rows for k in r["variant"]})
+        writer = csv.writer(buffer)
+        writer.writerow([*RESULT_COLUMNS, "prompt", *variant_keys])
+        for r in rows:
+            writer.writerow([r[c] for c in RESULT_COLUMNS] + [r["prompt"]] + [r["variant"].get(k, "")
+                                                                            for k in variant_keys])
+        sys.stdout.write(buffer.getvalue())
+        return
+    table = Table()
+    for column in ("task", "status", "try", "variant", "seed", "size", "output / error"):
+        table.add_column(column)
+    for r in rows:
+        variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items())
+        detail = r["output_uri"] if r["status"] == "succeeded" else r["error"]
+        table.add_row(r["task_id"][:12], r["status"], str(r["attempt"]), variant, str(r["seed"]),
+                      f"{r['width']}x{r['height']}x{r['frames']}", detail)
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FarmError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished clips are catalogued; submit the manifest again to resume",
+                  markup=False)
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_BAD_INPUT)
+        raise
+
+
+if __name__ == "__main__":
+    main()

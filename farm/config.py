@@ -1,0 +1,49 @@
+"""Every default in one place, and where farm keeps its files ($FARM_HOME)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FARM_HOME_ENV = "FARM_HOME"
+DEFAULT_FARM_HOME = "./farm-data"
+
+# Render settings a manifest may leave out: small enough for the embedded model on a CPU.
+DEFAULT_WIDTH = 64
+DEFAULT_HEIGHT = 64
+DEFAULT_FRAMES = 9
+DEFAULT_FPS = 8
+DEFAULT_STEPS = 4
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_RETRIES = 2
+DEFAULT_MODEL = "tiny"
+
+# Dispatch: tasks queued at each renderer beyond the one it is rendering, so it never waits
+# for the driver between clips, yet a job is never handed to Ray all at once.
+IN_FLIGHT_PER_RENDERER = 2
+# Failed attempts wait before their retry: base * 2**(attempt-1), capped.
+RETRY_BACKOFF_BASE_S = 0.5
+RETRY_BACKOFF_MAX_S = 30.0
+# Catalog rows are written in batches: at most this many rows or this many seconds lost on a crash.
+CATALOG_BATCH_ROWS = 32
+CATALOG_BATCH_SECONDS = 5.0
+# CPUs each renderer reserves when there is no GPU; torch uses as many threads.
+CPUS_PER_CPU_RENDERER = 1
+# Seconds to wait for the hub before calling it unreachable.
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
+def farm_home() -> Path:
+    return Path(os.environ.get(FARM_HOME_ENV, DEFAULT_FARM_HOME)).expanduser().resolve()
+
+
+def catalog_dir() -> Path:
+    return farm_home() / "catalog"
+
+
+def models_dir() -> Path:
+    return farm_home() / "models"
+
+
+def outputs_dir() -> Path:
+    return farm_home() / "outputs"
