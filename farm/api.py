@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import json
+import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from farm.catalog import Catalog, JobRecord, JobStatus, attempt_row
 from farm.config import catalog_dir
 from farm.controller import JobController, JobOutcome, JobProgress
 from farm.manifest import ManifestFile, expand, load_manifest
+from farm.render import TestFaults
 from farm.storage import open_sink
 from farm.task import Task
 
@@ -82,9 +85,13 @@ def submit(
     catalog_root: str | Path | None = None,
     on_progress: Callable[[JobProgress], None] | None = None,
     on_plan: Callable[[Plan, str], None] | None = None,
+    test_faults: TestFaults | None = None,
 ) -> SubmitOutcome:
     """Render every task of a manifest not yet done; blocks until the job ends."""
     from farm import cluster
+
+    if test_faults is None and os.environ.get("FARM_TEST_FAULTS"):
+        test_faults = TestFaults(**json.loads(os.environ["FARM_TEST_FAULTS"]))
 
     job_plan = plan(manifest_path, output, catalog_root)
     mf = job_plan.manifest
@@ -118,7 +125,7 @@ def submit(
     info = cluster.connect(address)
     handles: list = []
     try:
-        handles = cluster.start_renderers(mf.model, cluster.plan_slots(info, workers))
+        handles = cluster.start_renderers(mf.model, cluster.plan_slots(info, workers), test_faults)
         controller = JobController(job_id, todo, handles, catalog, mf.output, mf.max_attempts, on_progress)
         outcome = controller.run()
     except BaseException as exc:  # Ctrl-C, lost cluster: say so in the catalog, keep what is done

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from farm.config import CPUS_PER_CPU_RENDERER
 from farm.errors import ClusterError, ModelError
-from farm.render import Renderer, RendererInfo
+from farm.render import Renderer, RendererInfo, TestFaults
 from farm.task import ModelRef
 
 
@@ -88,14 +88,16 @@ def plan_slots(info: ClusterInfo, workers: int | None = None) -> list[SlotSpec]:
     return [SlotSpec(f"cpu-{i}", CPUS_PER_CPU_RENDERER, 0, CPUS_PER_CPU_RENDERER) for i in range(count)]
 
 
-def start_renderers(model: ModelRef, slots: list[SlotSpec]) -> list[RendererHandle]:
+def start_renderers(
+    model: ModelRef, slots: list[SlotSpec], test_faults: TestFaults | None = None
+) -> list[RendererHandle]:
     """Start one Renderer actor per slot and wait until each has its model resident."""
     import ray
 
     remote_renderer = ray.remote(Renderer)
     actors = [
         remote_renderer.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=0, max_task_retries=0)
-        .remote(model, None, s.threads)
+        .remote(model, None, s.threads, test_faults)
         for s in slots
     ]
     infos = ray.get([a.info.remote() for a in actors])

@@ -25,8 +25,8 @@ IN_FLIGHT_PER_RENDERER = 2
 RETRY_BACKOFF_BASE_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
 # Catalog rows are written in batches: at most this many rows or this many seconds lost on a crash.
-CATALOG_BATCH_ROWS = 32
-CATALOG_BATCH_SECONDS = 5.0
+CATALOG_BATCH_ROWS = int(os.environ.get("FARM_CATALOG_BATCH_ROWS", "32"))
+CATALOG_BATCH_SECONDS = float(os.environ.get("FARM_CATALOG_BATCH_SECONDS", "5"))
 # CPUs each renderer reserves when there is no GPU; torch uses as many threads.
 CPUS_PER_CPU_RENDERER = 1
 # Seconds to wait for the hub before calling it unreachable.
@@ -42,7 +42,9 @@ def catalog_dir() -> Path:
 
 
 def models_dir() -> Path:
-    return farm_home() / "models"
+    """Built-in models are built here once; FARM_MODELS_DIR shares one cache between farm homes."""
+    shared = os.environ.get("FARM_MODELS_DIR")
+    return Path(shared).expanduser().resolve() if shared else farm_home() / "models"
 
 
 def outputs_dir() -> Path:

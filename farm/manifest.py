@@ -11,6 +11,7 @@ order of declaration) < row columns < an explicit task's own ``render``.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import re
 import string
@@ -352,7 +353,8 @@ class _Variant:
     """Part of a combination: placeholder values and render overrides, each with where it came from."""
 
     values: dict[str, str] = field(default_factory=dict)
-    overrides: list[tuple[dict[str, Any], Where]] = field(default_factory=list)
+    # Render overrides with where they were set: a manifest path, or a place in a rows file.
+    overrides: list[tuple[dict[str, Any], tuple | Where]] = field(default_factory=list)
     prompt: str | None = None
     prompt_where: Where | None = None
     seed: int | None = None
@@ -376,7 +378,7 @@ def expand(mf: ManifestFile) -> Expansion:
         guidance=DEFAULT_GUIDANCE,
         negative_prompt="",
     )
-    base_layer = (m.render.set_fields(), mf.where("render"))
+    base_layer = (m.render.set_fields(), ("render",))
     seeds = list(range(m.seeds.base, m.seeds.base + m.seeds.count)) if isinstance(m.seeds, SeedRange) else m.seeds
     if not seeds:
         raise mf.error("no seeds given", "seeds", hint="give a list such as [0, 1] or {count: 2}")
@@ -401,7 +403,7 @@ def expand(mf: ManifestFile) -> Expansion:
             _check_placeholders(mf, m.prompt or "", set(extra.vars), ("tasks", i, "vars"))
         variant = _Variant(
             values={k: _text(v) for k, v in extra.vars.items()},
-            overrides=[(extra.render.set_fields(), mf.where("tasks", i, "render"))],
+            overrides=[(extra.render.set_fields(), ("tasks", i, "render"))],
             prompt=extra.prompt,
             prompt_where=mf.where("tasks", i, "prompt"),
             seed=extra.seed,
@@ -416,17 +418,24 @@ def expand(mf: ManifestFile) -> Expansion:
     for source, parts in combos:
         values: dict[str, str] = {}
         layers = [base_layer]
-        prompt_template, seed = m.prompt, None
+        prompt_template, prompt_where, seed = m.prompt, None, None
         for part in parts:
             values.update(part.values)
             layers.extend(part.overrides)
             if part.prompt is not None:
-                prompt_template = part.prompt
+                prompt_template, prompt_where = part.prompt, part.prompt_where
             if part.seed is not None:
                 seed = part.seed
+        if prompt_where is not None:  # a task's or a row's own prompt: its placeholders need values too
+            missing = [n for n in _template_names(prompt_template or "", prompt_where) if n not in values]
+            if missing:
+                raise _error_at(prompt_where, f"placeholder {{{missing[0]}}} has no value",
+                                f"add vars: {{{missing[0]}: ...}} (or a column named {missing[0]})")
         settings, provenance = _layer_settings(base, layers, mf)
         for name, problem in constraints.problems(settings.width, settings.height, settings.frames).items():
-            raise _error_at(provenance[name], f"{problem} (model {mf.model.spec})")
+            origin = provenance[name]
+            where = mf.where(*origin) if isinstance(origin, tuple) else origin
+            raise _error_at(where, f"{problem} (model {mf.model.spec})")
         prompt = _fill(prompt_template or "", values)
         negative = _fill(settings.negative_prompt, values)
         if negative != settings.negative_prompt:
@@ -491,7 +500,7 @@ def _axis_groups(mf: ManifestFile) -> list[list[_Variant]]:
 
 def _entry_variant(mf: ManifestFile, name: str, entry: AxisEntry, path: tuple) -> _Variant:
     if isinstance(entry, AxisValue):
-        return _Variant({name: _text(entry.value)}, [(entry.render.set_fields(), mf.where(*path, "render"))])
+        return _Variant({name: _text(entry.value)}, [(entry.render.set_fields(), (*path, "render"))])
     return _Variant({name: _text(entry)})
 
 
@@ -601,6 +610,18 @@ def _placeholders(template: str) -> list[str]:
     return names
 
 
+@functools.cache
+def _template_names_cached(template: str) -> tuple[str, ...]:
+    return tuple(_placeholders(template))
+
+
+def _template_names(template: str, where: Where) -> tuple[str, ...]:
+    try:
+        return _template_names_cached(template)
+    except ValueError as exc:
+        raise _error_at(where, str(exc), "write literal braces as {{ and }}") from None
+
+
 def _check_placeholders(mf: ManifestFile, template: str, known: set[str], path: tuple) -> None:
     try:
         names = _placeholders(template)
@@ -634,13 +655,13 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 def _layer_settings(
-    base: RenderSettings, layers: list[tuple[dict[str, Any], Where]], mf: ManifestFile
-) -> tuple[RenderSettings, dict[str, Where]]:
+    base: RenderSettings, layers: list[tuple[dict[str, Any], tuple | Where]], mf: ManifestFile
+) -> tuple[RenderSettings, dict[str, tuple | Where]]:
     merged = dict(base.__dict__)
-    provenance = {name: mf.where("model") for name in RENDER_FIELDS}
-    for overrides, where in layers:
+    provenance: dict[str, tuple | Where] = {name: ("model",) for name in RENDER_FIELDS}
+    for overrides, origin in layers:
         for name, value in overrides.items():
             merged[name] = value
-            provenance[name] = Where(where.file, where.line, f"{where.field}.{name}" if where.field != "row"
-                                     else f"row column {name}")
+            provenance[name] = (*origin, name) if isinstance(origin, tuple) else Where(
+                origin.file, origin.line, f"{origin.field} column {name}")
     return RenderSettings(**merged), provenance

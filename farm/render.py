@@ -36,6 +36,21 @@ class RendererInfo:
     load_error: str = ""  # why the model did not load; the renderer is then useless
 
 
+@dataclass(frozen=True)
+class TestFaults:
+    """Test-only fault injection: attempts of tasks whose prompt contains ``prompt_contains``
+    fail while their attempt number is ≤ ``fail_attempts``. Set by tests (or the
+    FARM_TEST_FAULTS environment variable, a JSON object of these fields); never by manifests."""
+
+    __test__ = False  # not a pytest test class
+
+    prompt_contains: str
+    fail_attempts: int = 1_000_000
+
+    def should_fail(self, task: Task, attempt: int) -> bool:
+        return self.prompt_contains in task.prompt and attempt <= self.fail_attempts
+
+
 def _ray_ids() -> tuple[str, str]:
     try:
         import ray
@@ -49,7 +64,13 @@ def _ray_ids() -> tuple[str, str]:
 
 
 class Renderer:
-    def __init__(self, model: ModelRef, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelRef,
+        device: str | None = None,
+        threads: int | None = None,
+        test_faults: TestFaults | None = None,
+    ) -> None:
         global _PIPELINE_LOADS
         import torch
 
@@ -57,6 +78,7 @@ class Renderer:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
+        self.test_faults = test_faults
         self.actor_id, self.node_id = _ray_ids()
         self._sinks: dict[str, Sink] = {}
         self.pipeline = None
@@ -83,6 +105,8 @@ class Renderer:
                 raise RuntimeError(f"model not loaded: {self.load_error}")
             if task.model.identity != self.model.identity:
                 raise ValueError(f"task wants model {task.model.spec}, this renderer holds {self.model.spec}")
+            if self.test_faults and self.test_faults.should_fail(task, attempt):
+                raise RuntimeError(f"injected test fault (attempt {attempt})")
             t0 = time.perf_counter()
             frames = self._generate(task)
             t1 = time.perf_counter()

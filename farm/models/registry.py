@@ -189,7 +189,7 @@ def load_pipeline(model: ModelRef, device: str, dtype_name: str = "auto"):
     else:
         dtype = getattr(torch, dtype_name)
     source = model.location
-    kwargs: dict = {"torch_dtype": dtype}
+    kwargs: dict = {_dtype_keyword(): dtype}
     if model.kind == "builtin":
         source = str(ensure_tiny_model(Path(model.location).parent))
     elif model.kind == "hub":
@@ -207,6 +207,14 @@ def load_pipeline(model: ModelRef, device: str, dtype_name: str = "auto"):
                 ) from None
     pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
     return _prepare(pipeline, device)
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (with ``_resolve_dtype``)
+    and warns on the old name; older releases know only the old one."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
 
 def _prepare(pipeline, device: str):

@@ -1,0 +1,64 @@
+"""The Renderer as a plain class (no Ray): real tiny model, real files, checksums, commit marker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from farm.manifest import expand, load_manifest
+from farm.render import Renderer, result_from_record
+from farm.storage import sha256_file
+from farm.task import AttemptStatus
+from farm.video import probe
+
+
+@pytest.fixture(scope="module")
+def renderer_and_tasks(tmp_path_factory, shared_model_cache):
+    folder = tmp_path_factory.mktemp("render")
+    manifest = folder / "m.yaml"
+    manifest.write_text("campaign: r\nprompt: 'clip {n}'\naxes: {n: [1, 2]}\nrender: {width: 48, frames: 5}\n")
+    tasks = expand(load_manifest(manifest)).tasks
+    return Renderer(tasks[0].model, threads=1), tasks, folder / "out"
+
+
+def test_render_writes_video_poster_and_marker_atomically(renderer_and_tasks):
+    renderer, tasks, out = renderer_and_tasks
+    result = renderer.render(tasks[0], 1, str(out))
+    assert result.status is AttemptStatus.SUCCEEDED, result.error
+    video = out / f"{tasks[0].task_id}.mp4"
+    assert result.output_uri == str(video) and result.poster_uri == str(out / f"{tasks[0].task_id}.jpg")
+    assert result.sha256 == sha256_file(video) and result.bytes == video.stat().st_size
+    info = probe(video)
+    assert (info.frames, info.width, info.height, info.fps) == (5, 48, 64, 8.0)
+    marker = json.loads((out / f"{tasks[0].task_id}.json").read_text())
+    assert result_from_record(marker) == result
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    t = result.timings
+    assert t.generate_s > 0 and t.encode_s > 0 and t.write_s > 0 and t.load_s > 0
+
+
+def test_model_is_loaded_once_for_many_renders(renderer_and_tasks):
+    renderer, tasks, out = renderer_and_tasks
+    loads_before = renderer.info().pipeline_loads
+    for task in tasks:
+        assert renderer.render(task, 1, str(out)).succeeded
+    assert renderer.info().pipeline_loads == loads_before == 1
+
+
+def test_same_task_same_bytes(renderer_and_tasks, tmp_path):
+    renderer, tasks, _ = renderer_and_tasks
+    first = renderer.render(tasks[1], 1, str(tmp_path / "a"))
+    second = renderer.render(tasks[1], 2, str(tmp_path / "b"))
+    assert first.sha256 == second.sha256
+
+
+def test_a_failing_task_is_a_failed_result_not_a_crash(renderer_and_tasks, tmp_path):
+    renderer, tasks, _ = renderer_and_tasks
+    bad = replace(tasks[0], settings=replace(tasks[0].settings, width=50))  # odd for the VAE: pipeline raises
+    result = renderer.render(bad, 1, str(tmp_path))
+    assert result.status is AttemptStatus.FAILED and result.error
+    assert "\n" not in result.error
+    assert not (tmp_path / f"{bad.task_id}.json").exists()
+    assert renderer.render(tasks[0], 1, str(tmp_path)).succeeded  # the renderer carries on
