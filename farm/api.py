@@ -96,6 +96,8 @@ def submit(
     job_plan = plan(manifest_path, output, catalog_root)
     mf = job_plan.manifest
     catalog = _catalog(catalog_root)
+    # Reach the cluster before recording anything: a wrong --address leaves no half-started job.
+    info = cluster.connect(address) if job_plan.to_render else None
     job_id = _new_job_id(mf.manifest.campaign)
     catalog.record_job(
         JobRecord(
@@ -118,11 +120,12 @@ def submit(
     todo = [t for t in job_plan.to_render if t.task_id not in recovered]
     if on_plan:
         on_plan(job_plan, job_id)
-    if not todo:
+    if not todo or info is None:
+        if info is not None and info.embedded:
+            cluster.disconnect(info)
         catalog.record_event(job_id, "finished", "nothing to render")
         return SubmitOutcome(job_id, job_plan, str(catalog.root), mf.output, len(recovered))
 
-    info = cluster.connect(address)
     handles: list = []
     try:
         handles = cluster.start_renderers(mf.model, cluster.plan_slots(info, workers), test_faults)

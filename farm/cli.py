@@ -32,6 +32,13 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# typer ≥ 0.2x vendors click and raises its own exception types; older releases raise click's.
+if hasattr(typer, "TyperException"):
+    _USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+else:  # pragma: no cover - older typer
+    import click
+
+    _USAGE_ERRORS = (click.ClickException,)
 
 
 class Format(StrEnum):
@@ -117,7 +124,9 @@ def submit(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to use (e.g. 10.0.0.5:6379); default: an embedded local Ray.")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Renderers to start; default one per GPU, else per core.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Renderers to start; default one per GPU, else one per core.")
+    ] = None,
     output: OutputOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
@@ -272,25 +281,24 @@ def results(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click hands back typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
     except FarmError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
         err.print("interrupted: finished clips are catalogued; submit the manifest again to resume",
                   markup=False)
         sys.exit(EXIT_INTERRUPTED)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(EXIT_BAD_INPUT)
-        raise
+    except _USAGE_ERRORS as exc:  # bad arguments: one line, not click's usage box
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx else "farm"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"error: {message} — see '{command} --help'", markup=False, highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
-from farm.config import CPUS_PER_CPU_RENDERER
+from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S
 from farm.errors import ClusterError, ModelError
 from farm.render import Renderer, RendererInfo, TestFaults
 from farm.task import ModelRef
@@ -46,6 +47,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
     if not ray.is_initialized():
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, **quiet)
             except Exception as exc:  # ConnectionError, auth failures, bad addresses
@@ -67,6 +69,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
         cpus=float(resources.get("CPU", 0)),
         gpus=float(resources.get("GPU", 0)),
     )
+
+
+def _check_reachable(address: str) -> None:
+    """Ray retries an unreachable head for minutes; a user deserves an answer in seconds."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r} is not HOST:PORT", field="--address",
+                           hint="give the head node's GCS address, e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach a Ray head at {address} ({exc.strerror or exc})",
+            field="--address",
+            hint="start one with 'ray start --head', check the address and firewall, or omit --address "
+            "to use an embedded local Ray",
+        ) from None
 
 
 def disconnect(info: ClusterInfo) -> None:

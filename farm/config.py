@@ -29,6 +29,8 @@ CATALOG_BATCH_ROWS = int(os.environ.get("FARM_CATALOG_BATCH_ROWS", "32"))
 CATALOG_BATCH_SECONDS = float(os.environ.get("FARM_CATALOG_BATCH_SECONDS", "5"))
 # CPUs each renderer reserves when there is no GPU; torch uses as many threads.
 CPUS_PER_CPU_RENDERER = 1
+# Seconds to wait for a Ray head's port before calling it unreachable.
+RAY_CONNECT_TIMEOUT_S = 5.0
 # Seconds to wait for the hub before calling it unreachable.
 HUB_CONNECT_TIMEOUT_S = 5.0
 

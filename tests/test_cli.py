@@ -1,0 +1,149 @@
+"""End to end through the `farm` command, as a user runs it: exit codes, one-line errors,
+JSON for scripts, and a job killed mid-way then resumed without rendering anything twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+FARM = [sys.executable, "-m", "farm.cli"]
+
+JOB = """
+campaign: cli
+prompt: "clip {n} of {kind}"
+render: {width: 32, height: 32, frames: 5, steps: 2}
+axes:
+  n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+  kind: [a, b]
+"""
+
+
+def farm(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*FARM, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_validate_and_plan_on_the_shipped_manifests(farm_home):
+    demo = farm("validate", "manifests/demo.yaml")
+    assert demo.returncode == 0 and "24 tasks" in demo.stdout
+    plan = farm("plan", "manifests/spring-campaign.yaml", "--format", "json")
+    assert plan.returncode == 0, plan.stderr
+    data = json.loads(plan.stdout)
+    assert data["tasks"] >= 100 and data["to_render"] == data["tasks"] and data["already_done"] == 0
+    assert len(data["to_render_tasks"]) == data["tasks"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        ("campaign: x\nprompt: '{who}'\n", ":2: prompt: placeholder {who} has no axis"),
+        ("campaign: x\nprompt: hi\nrender:\n  height: 70\n", ":4: render.height: 70 is not a multiple of 16"),
+        ("campaign: x\nprompt: hi\nseeds: {count: -1}\n", ":3: seeds.count: -1: input should be greater than 0"),
+        ("campaign: x\nprompt: hi\ncolor: red\n", ":3: color: unknown key 'color'"),
+        ("campaign: x\nprompt: [unclosed\n", "YAML syntax error"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "plan", "submit"])
+def test_bad_manifest_is_one_line_exit_2_and_renders_nothing(farm_home, tmp_path, manifest, expected, command):
+    path = tmp_path / "bad.yaml"
+    path.write_text(manifest)
+    result = farm(command, str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (farm_home / "catalog").exists() and not (farm_home / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["submit", "does-not-exist.yaml"], "error: manifest does-not-exist.yaml does not exist — check the path"),
+        (["status", "no-such-job"], "error: no job 'no-such-job' in the catalog"),
+        (["submit", "manifests/demo.yaml", "--workers", "0"], "error: Invalid value for '--workers'"),
+        (["submit", "manifests/demo.yaml", "--address", "127.0.0.1:1"], "error: --address: cannot reach a Ray head"),
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(farm_home, args, expected):
+    result = farm(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_submit_json_then_jobs_status_results_and_exit_1_on_failures(farm_home, write_manifest):
+    manifest = write_manifest(JOB.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]", "[1, 2]"))
+    faults = json.dumps({"prompt_contains": "clip 2 of b"})
+    result = farm("submit", str(manifest), "--workers", "2", "--format", "json", env={"FARM_TEST_FAULTS": faults})
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["tasks"], summary["rendered"], summary["failed"]) == (4, 3, 1)
+    job_id = summary["job_id"]
+
+    jobs = json.loads(farm("jobs", "--format", "json").stdout)
+    assert [j["job_id"] for j in jobs] == [job_id]
+    status = json.loads(farm("status", job_id[:12], "--format", "json").stdout)
+    assert (status["succeeded"], status["failed"], status["pending"], status["state"]) == (3, 1, 0, "finished")
+    rows = json.loads(farm("results", "cli", "--format", "json").stdout)
+    assert sorted(r["status"] for r in rows) == ["failed", "succeeded", "succeeded", "succeeded"]
+    failed = farm("results", job_id, "--format", "csv", "--status", "failed").stdout.splitlines()
+    assert failed[0].startswith("task_id,status,attempt") and len(failed) == 2 and "injected test fault" in failed[1]
+
+    # The failed task alone is rendered again on re-submit, and then everything succeeded.
+    again = farm("submit", str(manifest), "--workers", "1", "--format", "json")
+    assert again.returncode == 0, again.stderr
+    assert (json.loads(again.stdout)["rendered"], json.loads(again.stdout)["already_done"]) == (1, 3)
+
+
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.exists() else 0
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, write_manifest, how):
+    manifest = write_manifest(JOB)
+    outputs = farm_home / "outputs" / "cli"
+    # Rows reach the catalog in batches of 4: at the kill some finished clips are catalogued and
+    # some exist only in the output folder, to be adopted from their commit markers.
+    env = {**os.environ, "FARM_CATALOG_BATCH_ROWS": "4", "FARM_CATALOG_BATCH_SECONDS": "3600"}
+    process = subprocess.Popen([*FARM, "submit", str(manifest), "--workers", "1"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while _count(outputs, "*.json") < 6 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the job ended before it could be interrupted"
+    if how == "sigint":  # Ctrl-C: the driver flushes the catalog, says how to resume, exits 130
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130, stderr
+        assert "submit the manifest again to resume" in stderr
+    else:  # the driver and its embedded Ray die at once; nothing is flushed
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=60)
+    finished_before = {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.mp4")
+                       if (outputs / p.name.replace(".mp4", ".json")).exists()}
+    assert 0 < len(finished_before) < 24
+
+    resumed = subprocess.run([*FARM, "submit", str(manifest), "--workers", "2", "--format", "json"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["already_done"] >= len(finished_before) and summary["failed"] == 0
+    assert summary["already_done"] + summary["rendered"] == 24
+
+    rows = ds.dataset(farm_home / "catalog" / "attempts", format="parquet", partitioning="hive").to_table()
+    succeeded = Counter(r["task_id"] for r in rows.to_pylist() if r["status"] == "succeeded")
+    assert len(succeeded) == 24 and set(succeeded.values()) == {1}, "a task has two successful attempts"
+    # Clips finished before the interruption were not rendered again: same files, untouched.
+    assert {n: (outputs / n).stat().st_mtime_ns for n in finished_before} == finished_before
+    assert _count(outputs, "*.mp4") == 24 and not list(outputs.glob(".*.tmp-*"))
+    if how == "sigkill":
+        assert any(r["recovered"] for r in rows.to_pylist())
