@@ -165,7 +165,7 @@ def _adopt_finished_outputs(catalog: Catalog, job_id: str, job_plan: Plan) -> se
 
 def jobs(catalog_root: str | Path | None = None) -> list[JobStatus]:
     catalog = _catalog(catalog_root)
-    return [catalog.status(j) for j in catalog.jobs()]
+    return catalog.statuses(catalog.jobs())
 
 
 def status(job_id: str, catalog_root: str | Path | None = None) -> JobStatus:

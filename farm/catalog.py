@@ -266,8 +266,16 @@ class Catalog:
         return out
 
     def status(self, job: JobRecord) -> JobStatus:
-        table = self.attempts(columns=["task_id", "status", "final", "output_root", "job_id"])
-        cols = [table.column(c).to_pylist() for c in ("task_id", "status", "final", "output_root", "job_id")]
+        return self.statuses([job])[0]
+
+    def statuses(self, jobs: list[JobRecord]) -> list[JobStatus]:
+        """Status of each job, reading the attempts once for all of them."""
+        names = ["task_id", "status", "final", "output_root", "job_id"]
+        table = self.attempts(columns=names)
+        cols = [table.column(c).to_pylist() for c in names]
+        return [self._status(job, cols) for job in jobs]
+
+    def _status(self, job: JobRecord, cols: list[list]) -> JobStatus:
         mine = set(job.task_ids)
         done: set[str] = set()
         failed: set[str] = set()
