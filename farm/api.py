@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from farm import __version__
-from farm.catalog import Catalog, JobRecord, JobStatus, attempt_row
-from farm.config import catalog_dir
+from farm.catalog import Catalog, CompactionReport, JobRecord, JobStatus, ResultFilter, attempt_row
+from farm.config import catalog_location
 from farm.controller import JobController, JobOutcome, JobProgress
 from farm.manifest import ManifestFile, expand, load_manifest
 from farm.render import TestFaults
@@ -55,7 +55,7 @@ class SubmitOutcome:
 
 
 def _catalog(root: str | Path | None) -> Catalog:
-    return Catalog(root or catalog_dir())
+    return Catalog(root or catalog_location())
 
 
 def validate(manifest_path: str | Path) -> tuple[ManifestFile, int]:
@@ -67,7 +67,9 @@ def validate(manifest_path: str | Path) -> tuple[ManifestFile, int]:
 def plan(manifest_path: str | Path, output: str | None = None, catalog_root: str | Path | None = None) -> Plan:
     mf = load_manifest(manifest_path, output_override=output)
     expansion = expand(mf)
-    open_sink(mf.output)  # an output farm cannot write to is an input error, found before rendering
+    sink = open_sink(mf.target)
+    if hasattr(sink, "check_writable"):  # an unreachable bucket is an input error, found before rendering
+        sink.check_writable()
     done = _catalog(catalog_root).done([t.task_id for t in expansion.tasks], mf.output)
     return Plan(mf, expansion.tasks, expansion.expanded, done)
 
@@ -129,7 +131,7 @@ def submit(
     handles: list = []
     try:
         handles = cluster.start_renderers(mf.model, cluster.plan_slots(info, workers), test_faults)
-        controller = JobController(job_id, todo, handles, catalog, mf.output, mf.max_attempts, on_progress)
+        controller = JobController(job_id, todo, handles, catalog, mf.target, mf.max_attempts, on_progress)
         outcome = controller.run()
     except BaseException as exc:  # Ctrl-C, lost cluster: say so in the catalog, keep what is done
         catalog.record_event(job_id, "interrupted", type(exc).__name__)
@@ -149,7 +151,7 @@ def _adopt_finished_outputs(catalog: Catalog, job_id: str, job_plan: Plan) -> se
     catalog (the driver died between the two), instead of rendering them again."""
     from farm.render import result_from_record
 
-    sink = open_sink(job_plan.manifest.output)
+    sink = open_sink(job_plan.manifest.target)
     adopted: set[str] = set()
     with catalog.writer(job_id) as writer:
         for task in job_plan.to_render:
@@ -160,6 +162,9 @@ def _adopt_finished_outputs(catalog: Catalog, job_id: str, job_plan: Plan) -> se
             if result.succeeded and sink.matches(f"{task.task_id}.mp4", result.sha256):
                 writer.add(attempt_row(task, result, job_plan.manifest.output, final=True, recovered=True))
                 adopted.add(task.task_id)
+    # What a killed renderer left half-written for the tasks about to render again.
+    pending = {t.task_id for t in job_plan.to_render} - adopted
+    sink.abort_incomplete({f"{t}{suffix}" for t in pending for suffix in (".mp4", ".jpg", ".json")})
     return adopted
 
 
@@ -173,7 +178,16 @@ def status(job_id: str, catalog_root: str | Path | None = None) -> JobStatus:
     return catalog.status(catalog.job(job_id))
 
 
-def results(job_id: str, catalog_root: str | Path | None = None) -> tuple[JobRecord, list[dict]]:
+def results(
+    job_id: str, keep: ResultFilter | None = None, catalog_root: str | Path | None = None
+) -> tuple[JobRecord, list[dict]]:
     catalog = _catalog(catalog_root)
     job = catalog.job(job_id)
-    return job, catalog.results(job)
+    return job, catalog.results(job, keep)
+
+
+def compact(job_id: str | None = None, catalog_root: str | Path | None = None) -> CompactionReport:
+    catalog = _catalog(catalog_root)
+    if job_id:
+        job_id = catalog.job(job_id).job_id
+    return catalog.compact(job_id)

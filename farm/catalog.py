@@ -1,37 +1,46 @@
 """The catalog: a Parquet dataset that records every job and every attempt.
 
-Layout under the catalog root (``$FARM_HOME/catalog`` by default)::
+It lives on local disk or on S3 (``FARM_CATALOG=s3://bucket/prefix``), through pyarrow's
+filesystem layer. Layout under its root::
 
     jobs/<job_id>.parquet                         one row per job: manifest, who, when, task ids
     events/job_id=<job_id>/<seq>-<uuid>.parquet   job lifecycle: submitted, finished, interrupted
     attempts/job_id=<job_id>/<seq>-<uuid>.parquet one row per attempt, written in batches
 
-Files are written under a temporary name and renamed, so a reader never sees half a file and a
-crash loses at most the batch not yet written. It is the source of truth for status, results
-and resume: a task is done when any job has a succeeded attempt of it into the same output.
-Readable as-is by duckdb, pandas and pyarrow (hive partitioning on ``job_id``).
+Local files are written under a temporary name and renamed; S3 objects appear whole. A reader
+never sees half a file and a crash loses at most the batch not yet written. ``compact`` merges a
+job's small batch files into one; the merged file names the files it replaces, so a compaction
+interrupted at any point loses no row and shows none twice, and running it again finishes it.
+
+It is the source of truth for status, results and resume: a task is done when any job has a
+succeeded attempt of it into the same output. Readable as-is by duckdb, pandas and pyarrow (hive
+partitioning on ``job_id``). Schema history: v1 (first release); v2 adds ``attempt_uid`` and
+``storage``. Older files read with the new columns as nulls.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from farm.config import CATALOG_BATCH_ROWS, CATALOG_BATCH_SECONDS
 from farm.errors import CatalogError
 from farm.task import AttemptStatus, Result, Task, TaskStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _TS = pa.timestamp("ms", tz="UTC")
+_REPLACES = b"farm.replaces"  # schema metadata of a compacted file: the files it replaces
 
 ATTEMPT_SCHEMA = pa.schema(
     [
@@ -68,9 +77,11 @@ ATTEMPT_SCHEMA = pa.schema(
         ("started_at", _TS),
         ("finished_at", _TS),
         ("schema_version", pa.int16()),
+        # v2
+        ("attempt_uid", pa.string()),  # unique per attempt row, for tools that join or dedupe
+        ("storage", pa.string()),  # "local" | "s3"
     ]
 )
-
 ATTEMPT_FULL_SCHEMA = ATTEMPT_SCHEMA.append(pa.field("job_id", pa.string()))
 
 JOB_SCHEMA = pa.schema(
@@ -127,6 +138,34 @@ class JobStatus:
     last_event_at: datetime | None
 
 
+@dataclass(frozen=True)
+class ResultFilter:
+    """Which result rows to keep: by status, by variant values (all must match), by finish time."""
+
+    status: str | None = None
+    variant: tuple[tuple[str, str], ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def keep(self, row: dict) -> bool:
+        if self.status and row["status"] != self.status:
+            return False
+        values = dict(row["variant"] or [])
+        if any(values.get(k) != v for k, v in self.variant):
+            return False
+        finished = row["finished_at"]
+        return not ((self.since and finished < self.since) or (self.until and finished > self.until))
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    partitions: int  # job partitions looked at
+    merged_files: int  # small files folded into compacted ones
+    written_files: int
+    rows: int  # rows in the compacted files written
+    finished_deletes: int  # files a previous, interrupted compaction had left to delete
+
+
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
@@ -167,53 +206,105 @@ def attempt_row(task: Task, result: Result, output_root: str, final: bool, recov
         "started_at": _utc(result.started_at or time.time()),
         "finished_at": _utc(result.finished_at or time.time()),
         "schema_version": SCHEMA_VERSION,
+        "attempt_uid": uuid.uuid4().hex,
+        "storage": "s3" if output_root.startswith("s3://") else "local",
     }
 
 
-def _write_atomic(table: pa.Table, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".{target.name}.tmp"
-    pq.write_table(table, temp)
-    os.replace(temp, target)
-
-
-def _part_name() -> str:
+def _part_name(prefix: str = "") -> str:
     # Sortable by time, unique across writers.
-    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+    return f"{prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def catalog_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and base path for a catalog location (a local path or s3://…).
+
+    S3 settings come from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_REGION,
+    AWS_PROFILE, credentials), the same chain boto3 uses for outputs.
+    """
+    if location.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+        return pafs.S3FileSystem(**kwargs), location[len("s3://"):].rstrip("/")
+    if "://" in location:
+        raise CatalogError(f"catalog {location}: unsupported scheme", hint="use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
 
 
 class Catalog:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.location = str(location)
+        self.fs, self.base = catalog_filesystem(self.location)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
 
     @property
-    def attempts_dir(self) -> Path:
-        return self.root / "attempts"
+    def root(self) -> str:
+        return self.location
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    # --- files
+    def _write(self, table: pa.Table, path: str) -> None:
+        if self._local:
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            temp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+            pq.write_table(table, temp)
+            os.replace(temp, path)
+        else:  # an S3 object becomes visible only once complete
+            with self.fs.open_output_stream(path) as stream:
+                pq.write_table(table, stream)
+
+    def _files(self, folder: str) -> list[str]:
+        """Parquet files under ``folder`` (recursively), in name (= time) order, temp files excluded."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+        except OSError as exc:
+            raise CatalogError(f"cannot list the catalog at {self.location}: {exc}",
+                               hint="check FARM_CATALOG and the storage's credentials") from None
+        files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                 and not i.base_name.startswith((".", "_"))]
+        return sorted(files, key=lambda p: (p.rsplit("/", 1)[0], p.rsplit("/", 1)[-1]))
+
+    def _replaced_by_compaction(self, files: list[str]) -> set[str]:
+        replaced: set[str] = set()
+        for path in files:
+            if os.path.basename(path).startswith("compact-"):
+                metadata = pq.read_schema(path, filesystem=self.fs).metadata or {}
+                folder = path.rsplit("/", 1)[0]
+                replaced.update(f"{folder}/{name}" for name in json.loads(metadata.get(_REPLACES, b"[]")))
+        return replaced
+
+    def _live_files(self, folder: str) -> list[str]:
+        files = self._files(folder)
+        replaced = self._replaced_by_compaction(files)
+        return [f for f in files if f not in replaced]
 
     # --- jobs
     def record_job(self, job: JobRecord) -> None:
         row = {**job.__dict__, "task_ids": list(job.task_ids), "task_count": job.task_count,
                "schema_version": SCHEMA_VERSION}
-        _write_atomic(pa.Table.from_pylist([row], schema=JOB_SCHEMA), self.root / "jobs" / f"{job.job_id}.parquet")
+        self._write(pa.Table.from_pylist([row], schema=JOB_SCHEMA), self._path("jobs", f"{job.job_id}.parquet"))
         self.record_event(job.job_id, "submitted")
 
     def record_event(self, job_id: str, event: str, detail: str = "") -> None:
         row = {"event": event, "at": datetime.now(UTC), "detail": detail}
-        _write_atomic(pa.Table.from_pylist([row], schema=EVENT_SCHEMA),
-                      self.root / "events" / f"job_id={job_id}" / _part_name())
+        self._write(pa.Table.from_pylist([row], schema=EVENT_SCHEMA),
+                    self._path("events", f"job_id={job_id}", _part_name()))
 
     def jobs(self) -> list[JobRecord]:
-        folder = self.root / "jobs"
-        if not folder.is_dir():
-            return []
         records = []
-        for path in sorted(folder.glob("*.parquet")):
-            for row in pq.read_table(path).to_pylist():
-                records.append(_job_from_row(row))
+        for path in self._files(self._path("jobs")):
+            table = pq.read_table(path, filesystem=self.fs)
+            records.extend(_job_from_row(row) for row in table.to_pylist())
         return sorted(records, key=lambda j: j.submitted_at)
 
     def job(self, job_id: str) -> JobRecord:
-        """A job by its id or a unique prefix of it; the newest of a campaign by campaign name."""
+        """A job by its id, the newest of a campaign by campaign name, or a unique id prefix."""
         jobs = self.jobs()
         exact = [j for j in jobs if j.job_id == job_id]
         if exact:
@@ -223,36 +314,37 @@ class Catalog:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise CatalogError(f"no job {job_id!r} in the catalog at {self.root}",
-                               hint="list jobs with 'farm jobs' (and check FARM_HOME)")
+            raise CatalogError(f"no job {job_id!r} in the catalog at {self.location}",
+                               hint="list jobs with 'farm jobs' (and check FARM_HOME / FARM_CATALOG)")
         raise CatalogError(f"job id {job_id!r} is ambiguous ({len(matches)} jobs start with it)",
                            hint="give more characters of the id")
 
     def events(self, job_id: str) -> list[dict]:
-        folder = self.root / "events" / f"job_id={job_id}"
-        if not folder.is_dir():
-            return []
-        rows = [r for p in sorted(folder.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+        files = self._live_files(self._path("events", f"job_id={job_id}"))
+        rows = [r for p in files for r in pq.read_table(p, filesystem=self.fs, schema=EVENT_SCHEMA).to_pylist()]
         return sorted(rows, key=lambda r: r["at"])
 
     # --- attempts
     def writer(self, job_id: str, batch_rows: int = CATALOG_BATCH_ROWS,
                batch_seconds: float = CATALOG_BATCH_SECONDS) -> AttemptWriter:
-        return AttemptWriter(self.attempts_dir / f"job_id={job_id}", batch_rows, batch_seconds)
+        return AttemptWriter(self, self._path("attempts", f"job_id={job_id}"), batch_rows, batch_seconds)
 
     def attempts(self, job_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """Attempt rows (all jobs, or one), with a ``job_id`` column from the partition."""
-        if not self.attempts_dir.is_dir():
+        folder = self._path("attempts") if job_id is None else self._path("attempts", f"job_id={job_id}")
+        files = self._live_files(folder)
+        if not files:
             empty = ATTEMPT_FULL_SCHEMA.empty_table()
             return empty if columns is None else empty.select(columns)
         dataset = ds.dataset(
-            self.attempts_dir,
-            schema=ATTEMPT_FULL_SCHEMA,  # missing columns of older files read as nulls
+            files,
+            filesystem=self.fs,
+            schema=ATTEMPT_FULL_SCHEMA,  # columns missing from older files read as nulls
             format="parquet",
             partitioning=ds.partitioning(pa.schema([("job_id", pa.string())]), flavor="hive"),
+            partition_base_dir=self._path("attempts"),
         )
-        where = ds.field("job_id") == job_id if job_id else None
-        return dataset.to_table(columns=columns, filter=where)
+        return dataset.to_table(columns=columns)
 
     def done(self, task_ids: Iterable[str], output_root: str) -> dict[str, str]:
         """task_id → output uri for the tasks that already have a succeeded attempt into this output."""
@@ -300,8 +392,9 @@ class Catalog:
         state = events[-1]["event"] if events else "submitted"
         return JobStatus(job, state, counts, attempts, rendered, events[-1]["at"] if events else None)
 
-    def results(self, job: JobRecord) -> list[dict]:
-        """One row per task of the job: its succeeded attempt (from any job), else its last attempt here."""
+    def results(self, job: JobRecord, keep: ResultFilter | None = None) -> list[dict]:
+        """One row per task of the job: its succeeded attempt (from any job), else its last attempt
+        here; then filtered."""
         table = self.attempts()
         best: dict[str, dict] = {}
         mine = set(job.task_ids)
@@ -319,7 +412,44 @@ class Catalog:
             ):
                 best[task_id] = row
         order = {t: i for i, t in enumerate(job.task_ids)}
-        return sorted(best.values(), key=lambda r: order[r["task_id"]])
+        rows = sorted(best.values(), key=lambda r: order[r["task_id"]])
+        return [r for r in rows if keep is None or keep.keep(r)]
+
+    # --- maintenance
+    def compact(self, job_id: str | None = None) -> CompactionReport:
+        """Merge each job's attempt and event files into one file per partition.
+
+        Order of work, so that an interruption anywhere is harmless: (1) delete files that an
+        earlier compacted file already replaces, (2) write the new compacted file naming every
+        file it replaces, (3) delete those files.
+        """
+        partitions = merged = written = rows = finished = 0
+        for kind in ("attempts", "events"):
+            schema = ATTEMPT_SCHEMA if kind == "attempts" else EVENT_SCHEMA
+            folders = sorted({f.rsplit("/", 1)[0] for f in self._files(self._path(kind))})
+            if job_id:
+                folders = [f for f in folders if f.endswith(f"/job_id={job_id}")]
+            for folder in folders:
+                partitions += 1
+                files = self._files(folder)
+                replaced = self._replaced_by_compaction(files)
+                for path in sorted(replaced & set(files)):
+                    self.fs.delete_file(path)
+                    finished += 1
+                live = [f for f in files if f not in replaced]
+                if len(live) < 2:
+                    continue
+                table = pa.concat_tables(pq.read_table(f, filesystem=self.fs, schema=schema) for f in live)
+                names = sorted(os.path.basename(f) for f in live) + sorted(
+                    os.path.basename(f) for f in replaced)
+                table = table.replace_schema_metadata({_REPLACES: json.dumps(names).encode()})
+                self._write(table, f"{folder}/{_part_name('compact-')}")
+                for path in live:
+                    self.fs.delete_file(path)
+                merged += len(live)
+                written += 1
+                rows += table.num_rows
+        return CompactionReport(partitions, merged, written, rows, finished)
 
 
 def _job_from_row(row: dict) -> JobRecord:
@@ -331,7 +461,8 @@ def _job_from_row(row: dict) -> JobRecord:
 class AttemptWriter:
     """Buffers attempt rows and writes them as one Parquet file per batch."""
 
-    def __init__(self, folder: Path, batch_rows: int, batch_seconds: float) -> None:
+    def __init__(self, catalog: Catalog, folder: str, batch_rows: int, batch_seconds: float) -> None:
+        self.catalog = catalog
         self.folder = folder
         self.batch_rows = batch_rows
         self.batch_seconds = batch_seconds
@@ -353,7 +484,7 @@ class AttemptWriter:
         if not self._rows:
             return
         table = pa.Table.from_pylist(self._rows, schema=ATTEMPT_SCHEMA)
-        _write_atomic(table, self.folder / _part_name())
+        self.catalog._write(table, f"{self.folder}/{_part_name()}")
         self.written += len(self._rows)
         self._rows = []
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from farm import api
+from farm.catalog import ResultFilter
 from farm.errors import FarmError
 
 app = typer.Typer(
@@ -50,6 +52,7 @@ class ResultsFormat(StrEnum):
     table = "table"
     json = "json"
     csv = "csv"
+    parquet = "parquet"
 
 
 ManifestArg = Annotated[Path, typer.Argument(help="The campaign manifest (YAML).", show_default=False)]
@@ -241,42 +244,108 @@ RESULT_COLUMNS = ("task_id", "status", "attempt", "seed", "width", "height", "fr
                   "output_uri", "error")
 
 
+def _when(value: str | None, option: str) -> datetime | None:
+    """An ISO time (UTC unless it says otherwise) or an age like 30m, 2h, 7d."""
+    if not value:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise FarmError(f"{value!r} is neither an ISO time nor an age", field=option,
+                        hint="use e.g. 2026-11-25T08:00 or 2h") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _where(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FarmError(f"{pair!r} is not KEY=VALUE", field="--where", hint="e.g. --where product=shoe")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
+
+
 @app.command()
 def results(
     job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or a campaign name).")],
-    fmt: Annotated[ResultsFormat, typer.Option("--format", "-f", help="table, csv or json.")] = ResultsFormat.table,
+    fmt: Annotated[
+        ResultsFormat, typer.Option("--format", "-f", help="table, csv, json or parquet (parquet needs --out).")
+    ] = ResultsFormat.table,
     status_filter: Annotated[
         str | None, typer.Option("--status", help="Only tasks with this status (succeeded, failed).")
     ] = None,
+    where: Annotated[
+        list[str] | None, typer.Option("--where", help="Only rows whose variant has KEY=VALUE (repeatable).")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Finished at or after: ISO time or age (30m, 2h, 7d).")] = None,
+    until: Annotated[str | None, typer.Option(help="Finished at or before: ISO time or age.")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
 ) -> None:
-    """One row per task of a job: its clip, or its last error."""
-    _, rows = api.results(job)
-    if status_filter:
-        rows = [r for r in rows if r["status"] == status_filter]
+    """One row per task of a job: its clip, or its last error. Filter, then show or export."""
+    keep = ResultFilter(status_filter, _where(where or []), _when(since, "--since"), _when(until, "--until"))
+    _, rows = api.results(job, keep)
+    if fmt is ResultsFormat.parquet:
+        if out_path is None:
+            raise FarmError("parquet needs a file", field="--format", hint="add --out results.parquet")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from farm.catalog import ATTEMPT_FULL_SCHEMA
+
+        pq.write_table(pa.Table.from_pylist(rows, schema=ATTEMPT_FULL_SCHEMA), out_path)
+        err.print(f"{len(rows)} rows written to {out_path}")
+        return
     for r in rows:
         r["variant"] = dict(r["variant"] or [])
-    if fmt is ResultsFormat.json:
-        _json(rows)
+    if fmt is ResultsFormat.table:
+        table = Table()
+        for column in ("task", "status", "try", "variant", "seed", "size", "output / error"):
+            table.add_column(column)
+        for r in rows:
+            variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items())
+            detail = r["output_uri"] if r["status"] == "succeeded" else r["error"]
+            table.add_row(r["task_id"][:12], r["status"], str(r["attempt"]), variant, str(r["seed"]),
+                          f"{r['width']}x{r['height']}x{r['frames']}", detail)
+        out.print(table)
         return
-    if fmt is ResultsFormat.csv:
+    if fmt is ResultsFormat.json:
+        text = json.dumps(rows, indent=2, default=str) + "\n"
+    else:
         buffer = io.StringIO()
         variant_keys = sorted({k for r in rows for k in r["variant"]})
         writer = csv.writer(buffer)
-        writer.writerow([*RESULT_COLUMNS, "prompt", *variant_keys])
+        writer.writerow([*RESULT_COLUMNS, "prompt", "finished_at", *variant_keys])
         for r in rows:
-            writer.writerow([r[c] for c in RESULT_COLUMNS] + [r["prompt"]] + [r["variant"].get(k, "")
-                                                                            for k in variant_keys])
-        sys.stdout.write(buffer.getvalue())
+            writer.writerow([r[c] for c in RESULT_COLUMNS] + [r["prompt"], r["finished_at"].isoformat()]
+                            + [r["variant"].get(k, "") for k in variant_keys])
+        text = buffer.getvalue()
+    if out_path is None:
+        sys.stdout.write(text)
+    else:
+        out_path.write_text(text)
+        err.print(f"{len(rows)} rows written to {out_path}")
+
+
+catalog_app = typer.Typer(help="Catalog maintenance.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("compact")
+def catalog_compact(
+    job: Annotated[str | None, typer.Argument(help="Only this job (default: every job).")] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Merge each job's small batch files into one. Safe to interrupt and to run again."""
+    report = api.compact(job)
+    if fmt is Format.json:
+        _json(report.__dict__)
         return
-    table = Table()
-    for column in ("task", "status", "try", "variant", "seed", "size", "output / error"):
-        table.add_column(column)
-    for r in rows:
-        variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items())
-        detail = r["output_uri"] if r["status"] == "succeeded" else r["error"]
-        table.add_row(r["task_id"][:12], r["status"], str(r["attempt"]), variant, str(r["seed"]),
-                      f"{r['width']}x{r['height']}x{r['frames']}", detail)
-    out.print(table)
+    out.print(f"{report.partitions} partitions: {report.merged_files} files merged into {report.written_files} "
+              f"({report.rows} rows); {report.finished_deletes} leftovers of an interrupted run removed")
 
 
 def main() -> None:

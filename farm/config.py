@@ -39,8 +39,9 @@ def farm_home() -> Path:
     return Path(os.environ.get(FARM_HOME_ENV, DEFAULT_FARM_HOME)).expanduser().resolve()
 
 
-def catalog_dir() -> Path:
-    return farm_home() / "catalog"
+def catalog_location() -> str:
+    """The catalog: FARM_CATALOG (a local path or s3://bucket/prefix), else $FARM_HOME/catalog."""
+    return os.environ.get("FARM_CATALOG") or str(farm_home() / "catalog")
 
 
 def models_dir() -> Path:

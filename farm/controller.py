@@ -15,6 +15,7 @@ from farm.catalog import Catalog, attempt_row
 from farm.cluster import RendererHandle
 from farm.errors import ClusterError
 from farm.scheduler import Outcome, Progress, Scheduler
+from farm.storage import OutputTarget
 from farm.task import AttemptStatus, Result, Task
 
 # How long one wait for results may block, so progress and retries stay timely.
@@ -57,7 +58,7 @@ class JobController:
         tasks: list[Task],
         renderers: list[RendererHandle],
         catalog: Catalog,
-        output: str,
+        target: OutputTarget,
         max_attempts: int,
         on_progress: Callable[[JobProgress], None] | None = None,
         scheduler: Scheduler | None = None,
@@ -66,7 +67,7 @@ class JobController:
         self.tasks = tasks
         self.renderers = {h.slot.name: h for h in renderers}
         self.catalog = catalog
-        self.output = output
+        self.target = target
         self.on_progress = on_progress or (lambda _p: None)
         self.scheduler = scheduler or Scheduler(tasks, max_attempts)
 
@@ -85,7 +86,7 @@ class JobController:
             while not self.scheduler.finished:
                 for d in self.scheduler.next_dispatches():
                     actor = self.renderers[d.slot].actor
-                    in_flight[actor.render.remote(d.task, d.attempt, self.output)] = d
+                    in_flight[actor.render.remote(d.task, d.attempt, self.target)] = d
                 if not in_flight:
                     if not self.scheduler.slots:
                         raise ClusterError("every renderer died; the job cannot go on",
@@ -118,7 +119,7 @@ class JobController:
                     t = result.timings
                     busy += t.generate_s + t.encode_s + t.write_s
                     decision = self.scheduler.record(d.slot, d.task, result.succeeded, result.error)
-                    writer.add(attempt_row(d.task, result, self.output, final=decision.outcome != Outcome.RETRY))
+                    writer.add(attempt_row(d.task, result, self.target.uri, final=decision.outcome != Outcome.RETRY))
                 writer.maybe_flush()
                 self.on_progress(_progress(self.scheduler.progress(), started))
         p = self.scheduler.progress()

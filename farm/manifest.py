@@ -37,6 +37,7 @@ from farm.config import (
 )
 from farm.errors import FarmError, ManifestError
 from farm.models import constraints_for, resolve_model
+from farm.storage import OutputTarget, StorageOptions, check_output
 from farm.task import ModelRef, RenderSettings, Task, compute_task_id
 
 Scalar = str | int | float | bool
@@ -109,6 +110,19 @@ class RowsSource(BaseModel):
     path: str
 
 
+class StorageSettings(BaseModel):
+    """How to reach an S3-compatible store for ``output: s3://…``. Credentials are never set here:
+    they come from boto3's usual chain (environment, ``profile``, instance role)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    multipart_threshold_mb: Annotated[int, Field(ge=5, le=5120)] = 64
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +136,7 @@ class Manifest(BaseModel):
     tasks: list[ExtraTask] = []
     rows: str | RowsSource | None = None
     output: str | None = None
+    storage: StorageSettings = StorageSettings()
     retries: Annotated[int, Field(ge=0, le=100)] = DEFAULT_RETRIES
 
 
@@ -146,7 +161,11 @@ class ManifestFile:
     text: str
     lines: dict[tuple, int]
     model: ModelRef
-    output: str
+    target: OutputTarget
+
+    @property
+    def output(self) -> str:
+        return self.target.uri
 
     def where(self, *data_path: Any) -> Where:
         return Where(str(self.path), _line_of(self.lines, data_path), _field_name(data_path))
@@ -193,12 +212,19 @@ def load_manifest(path: str | Path, output_override: str | None = None) -> Manif
     except FarmError as exc:
         raise _error_at(where("model"), exc.message, exc.hint) from None
     if output_override is not None:
-        output = _resolve_output(output_override, Path.cwd())
+        output, output_where = _resolve_output(output_override, Path.cwd()), Where(shown, None, "--output")
     elif manifest.output is not None:
-        output = _resolve_output(manifest.output, base_dir)
+        output, output_where = _resolve_output(manifest.output, base_dir), where("output")
     else:
-        output = str(outputs_dir() / manifest.campaign)
-    return ManifestFile(manifest, path, text, lines, model, output)
+        output, output_where = str(outputs_dir() / manifest.campaign), where("campaign")
+    try:
+        check_output(output)
+    except FarmError as exc:
+        raise _error_at(output_where, exc.message, exc.hint) from None
+    st = manifest.storage
+    options = StorageOptions(endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
+                             multipart_threshold_mb=st.multipart_threshold_mb, max_attempts=st.max_attempts)
+    return ManifestFile(manifest, path, text, lines, model, OutputTarget(output, options))
 
 
 def _resolve_output(value: str, base_dir: Path) -> str:

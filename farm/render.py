@@ -16,7 +16,7 @@ from pathlib import Path
 
 from farm.errors import FarmError
 from farm.models import load_pipeline
-from farm.storage import Sink, open_sink
+from farm.storage import OutputTarget, Sink, open_sink
 from farm.task import AttemptStatus, ModelRef, Result, Task, Timings
 from farm.video import encode_mp4, write_poster
 
@@ -80,7 +80,7 @@ class Renderer:
         self.model = model
         self.test_faults = test_faults
         self.actor_id, self.node_id = _ray_ids()
-        self._sinks: dict[str, Sink] = {}
+        self._sinks: dict[OutputTarget, Sink] = {}
         self.pipeline = None
         self.load_error = ""
         started = time.perf_counter()
@@ -95,7 +95,7 @@ class Renderer:
         return RendererInfo(self.actor_id, self.node_id, self.device, self.model.identity, self.load_seconds,
                             _PIPELINE_LOADS, os.getpid(), self.load_error)
 
-    def render(self, task: Task, attempt: int, output_uri: str) -> Result:
+    def render(self, task: Task, attempt: int, output: OutputTarget) -> Result:
         """Render one attempt. Never raises for a task's own failure: the error goes in the Result."""
         started = time.time()
         base = {"task_id": task.task_id, "attempt": attempt, "node_id": self.node_id, "actor_id": self.actor_id,
@@ -110,7 +110,7 @@ class Renderer:
             t0 = time.perf_counter()
             frames = self._generate(task)
             t1 = time.perf_counter()
-            sink = self._sink(output_uri)
+            sink = self._sink(output)
             with tempfile.TemporaryDirectory(prefix="farm-render-") as tmp:
                 video_path, poster_path = Path(tmp) / "clip.mp4", Path(tmp) / "poster.jpg"
                 encode_mp4(frames, task.settings.fps, video_path)
@@ -134,10 +134,10 @@ class Renderer:
         except Exception as exc:  # a task's failure is data for the catalog, not a crash of the renderer
             return Result(**base, status=AttemptStatus.FAILED, error=_one_line(exc), finished_at=time.time())
 
-    def _sink(self, output_uri: str) -> Sink:
-        if output_uri not in self._sinks:
-            self._sinks[output_uri] = open_sink(output_uri)
-        return self._sinks[output_uri]
+    def _sink(self, output: OutputTarget) -> Sink:
+        if output not in self._sinks:
+            self._sinks[output] = open_sink(output)
+        return self._sinks[output]
 
     def _generate(self, task: Task):
         import torch

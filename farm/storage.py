@@ -1,8 +1,14 @@
-"""Sinks: where video files go. Writes are atomic (temp name, then rename) and checksummed.
+"""Sinks: where video files go — a local directory or an S3 bucket (boto3).
+
+Writes are atomic and checksummed: a local file is written under a temporary name and renamed;
+an S3 object only becomes visible when its upload completes (a failed multipart upload is
+aborted), and is checked after upload (size and sha256) before it counts. Credentials come only
+from boto3's usual chain (environment, profile, instance role) and are never printed or recorded.
 
 Layout under a sink: ``<task_id>.mp4``, ``<task_id>.jpg`` and ``<task_id>.json``. The JSON
 record is written last: it is the commit marker that says the clip is complete, so a driver that
-died before cataloguing a finished clip can adopt it instead of rendering it again.
+died before cataloguing a finished clip can adopt it instead of rendering it again. Keys come
+from task ids only, never from prompt text.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -19,6 +26,34 @@ from typing import Protocol
 from farm.errors import FarmError
 
 _CHUNK = 1 << 20
+# S3 key characters that are safe everywhere (AWS's "safe characters" list).
+_SAFE_KEY_PART = re.compile(r"^[A-Za-z0-9!_.*'()-]+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class StorageError(FarmError):
+    """An output location is invalid or cannot be written."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach an S3-compatible store (MinIO, Ceph, R2, SeaweedFS…). Unset fields fall back to
+    boto3's own configuration (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws/config)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    multipart_threshold_mb: int = 64
+    multipart_chunk_mb: int = 16
+    max_attempts: int = 5  # botocore retries throttling and 5xx with backoff up to this many tries
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    uri: str
+    options: StorageOptions = StorageOptions()
 
 
 @dataclass(frozen=True)
@@ -37,9 +72,9 @@ class Sink(Protocol):
 
     def get_json(self, name: str) -> dict | None: ...
 
-    def object_uri(self, name: str) -> str: ...
-
     def matches(self, name: str, sha256: str) -> bool: ...
+
+    def abort_incomplete(self, names: set[str]) -> int: ...
 
 
 def sha256_file(path: Path) -> str:
@@ -50,6 +85,36 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → (``bucket``, ``a/b``), refusing anything that could escape the prefix."""
+    rest = uri[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.match(bucket):
+        raise StorageError(f"{uri}: {bucket!r} is not a valid bucket name",
+                           hint="use 3-63 lower-case letters, digits, '.' or '-'")
+    parts = [p for p in prefix.split("/") if p != ""] if prefix else []
+    if prefix and (prefix.startswith("/") or "//" in prefix):
+        raise StorageError(f"{uri}: empty path segment in the prefix", hint="remove the doubled '/'")
+    for part in parts:
+        if part in (".", ".."):
+            raise StorageError(f"{uri}: '{part}' is not allowed in an output prefix",
+                               hint="write the prefix without '.' or '..' segments")
+        if not _SAFE_KEY_PART.match(part):
+            raise StorageError(f"{uri}: {part!r} has characters that are unsafe in object keys",
+                               hint="use letters, digits and !_.*'()- in prefixes")
+    return bucket, "/".join(parts)
+
+
+def check_output(uri: str) -> None:
+    """Reject outputs farm must not write to, before anything renders."""
+    if uri.startswith("s3://"):
+        split_s3_uri(uri)
+    elif "://" in uri:
+        raise StorageError(f"output {uri}: unsupported scheme", hint="use a local directory or s3://bucket/prefix")
+    elif any(ord(c) < 32 for c in uri):
+        raise StorageError("output path has control characters", hint="use a plain directory path")
+
+
 class LocalSink:
     """A directory on a local or shared filesystem."""
 
@@ -57,13 +122,12 @@ class LocalSink:
         self.root = Path(root)
         self.uri = str(self.root)
 
-    def object_uri(self, name: str) -> str:
-        return str(self.root / name)
+    def _temp(self, name: str) -> Path:
+        return self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def put_file(self, local: Path, name: str) -> StoredObject:
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.root / name
-        temp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        target, temp = self.root / name, self._temp(name)
         try:
             shutil.copyfile(local, temp)
             checksum = sha256_file(temp)
@@ -76,8 +140,7 @@ class LocalSink:
     def put_json(self, record: dict, name: str) -> StoredObject:
         self.root.mkdir(parents=True, exist_ok=True)
         data = json.dumps(record, sort_keys=True).encode()
-        target = self.root / name
-        temp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        target, temp = self.root / name, self._temp(name)
         try:
             with temp.open("wb") as fh:
                 fh.write(data)
@@ -89,7 +152,6 @@ class LocalSink:
         return StoredObject(str(target), len(data), hashlib.sha256(data).hexdigest())
 
     def matches(self, name: str, sha256: str) -> bool:
-        """Whether the object exists with this checksum."""
         try:
             return sha256_file(self.root / name) == sha256
         except OSError:
@@ -101,14 +163,140 @@ class LocalSink:
         except (OSError, ValueError):
             return None
 
+    def abort_incomplete(self, names: set[str]) -> int:
+        """Remove temporary files a killed writer left for these names."""
+        removed = 0
+        for name in names:
+            for temp in self.root.glob(f".{name}.tmp-*"):
+                temp.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
-def open_sink(uri: str) -> Sink:
-    if uri.startswith("s3://"):
-        raise FarmError(
-            f"output {uri}: S3 outputs are not available in this version of farm",
-            field="output",
-            hint="use a local directory for now",
+
+def s3_client(options: StorageOptions):
+    """A boto3 S3 client from the usual credential chain, with retries and timeouts set."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
+    config = Config(
+        retries={"max_attempts": options.max_attempts, "mode": "standard"},
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.read_timeout_s,
+        s3={"addressing_style": "path"} if options.endpoint_url else {},
+        # Extra request checksums are not understood by every S3-compatible server; farm checks
+        # its own sha256 after every upload instead.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return session.client("s3", endpoint_url=options.endpoint_url, config=config)
+
+
+class S3Sink:
+    """A prefix in an S3 bucket. The sha256 of each object is stored as its metadata."""
+
+    def __init__(self, uri: str, options: StorageOptions) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = s3_client(options)
+        mb = 1024 * 1024
+        self.transfer = TransferConfig(
+            multipart_threshold=options.multipart_threshold_mb * mb,
+            multipart_chunksize=options.multipart_chunk_mb * mb,
+            use_threads=False,  # renderers already use the cores; uploads are one per clip
         )
-    if "://" in uri:
-        raise FarmError(f"output {uri}: unsupported scheme", field="output", hint="use a local directory")
-    return LocalSink(uri)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def check_writable(self) -> None:
+        """Fail fast, at plan time, on a missing bucket or an unreachable endpoint."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "?")
+            raise StorageError(f"output {self.uri}: bucket {self.bucket!r} is not accessible ({code})",
+                               field="output", hint="create the bucket or check the credentials' permissions") \
+                from None
+        except BotoCoreError as exc:
+            raise StorageError(f"output {self.uri}: cannot reach S3 ({exc})", field="output",
+                               hint="check storage.endpoint_url / AWS_ENDPOINT_URL and that the server runs") \
+                from None
+
+    def put_file(self, local: Path, name: str) -> StoredObject:
+        checksum = sha256_file(local)
+        size = local.stat().st_size
+        key = self._key(name)
+        # upload_file aborts its multipart upload if a part fails, so no partial object stays.
+        self.client.upload_file(str(local), self.bucket, key, Config=self.transfer,
+                                ExtraArgs={"Metadata": {"sha256": checksum}, "ContentType": _content_type(name)})
+        self._verify(key, size, checksum)
+        return StoredObject(f"s3://{self.bucket}/{key}", size, checksum)
+
+    def put_json(self, record: dict, name: str) -> StoredObject:
+        data = json.dumps(record, sort_keys=True).encode()
+        checksum = hashlib.sha256(data).hexdigest()
+        key = self._key(name)
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json",
+                               Metadata={"sha256": checksum})
+        self._verify(key, len(data), checksum)
+        return StoredObject(f"s3://{self.bucket}/{key}", len(data), checksum)
+
+    def _verify(self, key: str, size: int, checksum: str) -> None:
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        stored = head.get("Metadata", {}).get("sha256")
+        if head.get("ContentLength") != size or stored != checksum:
+            raise StorageError(f"s3://{self.bucket}/{key}: stored object does not match what was uploaded "
+                               f"({head.get('ContentLength')} bytes, sha256 {stored})")
+
+    def get_json(self, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+            return json.loads(body)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        except ValueError:
+            return None
+
+    def matches(self, name: str, sha256: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError:
+            return False
+        return head.get("Metadata", {}).get("sha256") == sha256
+
+    def abort_incomplete(self, names: set[str]) -> int:
+        """Abort multipart uploads a dead renderer left for these objects (they are invisible, but
+        their parts cost storage until aborted)."""
+        keys = {self._key(n) for n in names}
+        aborted = 0
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for upload in page.get("Uploads", []) or []:
+                if upload["Key"] in keys:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+                    aborted += 1
+        return aborted
+
+
+def _content_type(name: str) -> str:
+    return {".mp4": "video/mp4", ".jpg": "image/jpeg", ".json": "application/json"}.get(
+        Path(name).suffix, "application/octet-stream")
+
+
+def open_sink(target: OutputTarget) -> Sink:
+    check_output(target.uri)
+    if target.uri.startswith("s3://"):
+        return S3Sink(target.uri, target.options)
+    return LocalSink(target.uri)

@@ -9,7 +9,7 @@ import pytest
 
 from farm.manifest import expand, load_manifest
 from farm.render import Renderer, result_from_record
-from farm.storage import sha256_file
+from farm.storage import OutputTarget, sha256_file
 from farm.task import AttemptStatus
 from farm.video import probe
 
@@ -25,7 +25,7 @@ def renderer_and_tasks(tmp_path_factory, shared_model_cache):
 
 def test_render_writes_video_poster_and_marker_atomically(renderer_and_tasks):
     renderer, tasks, out = renderer_and_tasks
-    result = renderer.render(tasks[0], 1, str(out))
+    result = renderer.render(tasks[0], 1, OutputTarget(str(out)))
     assert result.status is AttemptStatus.SUCCEEDED, result.error
     video = out / f"{tasks[0].task_id}.mp4"
     assert result.output_uri == str(video) and result.poster_uri == str(out / f"{tasks[0].task_id}.jpg")
@@ -43,22 +43,22 @@ def test_model_is_loaded_once_for_many_renders(renderer_and_tasks):
     renderer, tasks, out = renderer_and_tasks
     loads_before = renderer.info().pipeline_loads
     for task in tasks:
-        assert renderer.render(task, 1, str(out)).succeeded
+        assert renderer.render(task, 1, OutputTarget(str(out))).succeeded
     assert renderer.info().pipeline_loads == loads_before == 1
 
 
 def test_same_task_same_bytes(renderer_and_tasks, tmp_path):
     renderer, tasks, _ = renderer_and_tasks
-    first = renderer.render(tasks[1], 1, str(tmp_path / "a"))
-    second = renderer.render(tasks[1], 2, str(tmp_path / "b"))
+    first = renderer.render(tasks[1], 1, OutputTarget(str(tmp_path / "a")))
+    second = renderer.render(tasks[1], 2, OutputTarget(str(tmp_path / "b")))
     assert first.sha256 == second.sha256
 
 
 def test_a_failing_task_is_a_failed_result_not_a_crash(renderer_and_tasks, tmp_path):
     renderer, tasks, _ = renderer_and_tasks
     bad = replace(tasks[0], settings=replace(tasks[0].settings, width=50))  # odd for the VAE: pipeline raises
-    result = renderer.render(bad, 1, str(tmp_path))
+    result = renderer.render(bad, 1, OutputTarget(str(tmp_path)))
     assert result.status is AttemptStatus.FAILED and result.error
     assert "\n" not in result.error
     assert not (tmp_path / f"{bad.task_id}.json").exists()
-    assert renderer.render(tasks[0], 1, str(tmp_path)).succeeded  # the renderer carries on
+    assert renderer.render(tasks[0], 1, OutputTarget(str(tmp_path))).succeeded  # the renderer carries on
