@@ -259,6 +259,9 @@ class Catalog:
             with self.fs.open_output_stream(path) as stream:
                 pq.write_table(table, stream)
 
+    def _delete(self, path: str) -> None:
+        self.fs.delete_file(path)
+
     def _files(self, folder: str) -> list[str]:
         """Parquet files under ``folder`` (recursively), in name (= time) order, temp files excluded."""
         try:
@@ -434,7 +437,7 @@ class Catalog:
                 files = self._files(folder)
                 replaced = self._replaced_by_compaction(files)
                 for path in sorted(replaced & set(files)):
-                    self.fs.delete_file(path)
+                    self._delete(path)
                     finished += 1
                 live = [f for f in files if f not in replaced]
                 if len(live) < 2:
@@ -445,7 +448,7 @@ class Catalog:
                 table = table.replace_schema_metadata({_REPLACES: json.dumps(names).encode()})
                 self._write(table, f"{folder}/{_part_name('compact-')}")
                 for path in live:
-                    self.fs.delete_file(path)
+                    self._delete(path)
                 merged += len(live)
                 written += 1
                 rows += table.num_rows

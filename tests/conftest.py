@@ -38,10 +38,42 @@ def write_manifest(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session's integration tests (token auth on, as Ray ≥ 2.59 does)."""
+def ray_local(s3_server):
+    """One local Ray for the session's integration tests (token auth on, as Ray ≥ 2.59 does).
+
+    Ray workers inherit the environment at ray.init, so the S3 server's endpoint and credentials
+    are exported first: renderers reach S3 through boto3's usual chain, as on a real node."""
     import ray
+
+    os.environ.update(s3_server.env)
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the session; stopped at the end."""
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server with its endpoint and credentials in the environment (as a user would set
+    them), and a fresh bucket for this test."""
+    import uuid
+
+    if s3_server.process is None:  # a test stopped it; the next one gets it back
+        s3_server.start()
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)  # no-ops once ray_local exported them for the session
+    bucket = f"farm-{uuid.uuid4().hex[:10]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.bucket = bucket
+    return s3_server

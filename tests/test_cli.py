@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 FARM = [sys.executable, "-m", "farm.cli"]
@@ -96,6 +97,19 @@ def test_submit_json_then_jobs_status_results_and_exit_1_on_failures(farm_home, 
     assert sorted(r["status"] for r in rows) == ["failed", "succeeded", "succeeded", "succeeded"]
     failed = farm("results", job_id, "--format", "csv", "--status", "failed").stdout.splitlines()
     assert failed[0].startswith("task_id,status,attempt") and len(failed) == 2 and "injected test fault" in failed[1]
+
+    only_a = json.loads(farm("results", job_id, "--where", "kind=a", "--format", "json").stdout)
+    assert len(only_a) == 2 and {r["variant"]["kind"] for r in only_a} == {"a"}
+    assert len(json.loads(farm("results", job_id, "--since", "1h", "-f", "json").stdout)) == 4
+    assert json.loads(farm("results", job_id, "--until", "2000-01-01", "-f", "json").stdout) == []
+    exported = farm_home / "export.parquet"
+    assert farm("results", job_id, "--format", "parquet", "--out", str(exported)).returncode == 0
+    assert pq.read_table(exported).num_rows == 4
+    bad_time = farm("results", job_id, "--since", "yesterday")
+    assert bad_time.returncode == 2 and "--since: 'yesterday' is neither an ISO time nor an age" in bad_time.stderr
+    compacted = json.loads(farm("catalog", "compact", "--format", "json").stdout)
+    assert compacted["merged_files"] >= 2 and compacted["written_files"] >= 1  # the events partition
+    assert json.loads(farm("status", job_id, "--format", "json").stdout)["succeeded"] == 3
 
     # The failed task alone is rendered again on re-submit, and then everything succeeded.
     again = farm("submit", str(manifest), "--workers", "1", "--format", "json")
