@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from farm.config import CATALOG_BATCH_ROWS, CATALOG_BATCH_SECONDS
 from farm.errors import CatalogError
-from farm.task import AttemptStatus, Result, Task, TaskStatus
+from farm.task import AttemptStatus, ModelRef, RenderSettings, Requirements, Result, Task, TaskStatus
 
 SCHEMA_VERSION = 2
 _TS = pa.timestamp("ms", tz="UTC")
@@ -101,6 +101,36 @@ JOB_SCHEMA = pa.schema(
         ("task_ids", pa.list_(pa.string())),
         ("farm_version", pa.string()),
         ("schema_version", pa.int16()),
+        # v2: what the controller needs to run the job, also after it restarts
+        ("priority", pa.int32()),
+        ("timeout_s", pa.float64()),
+        ("storage_json", pa.string()),  # StorageOptions of the output, never credentials
+    ]
+)
+
+TASK_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("mode", pa.string()),
+        ("source", pa.string()),
+        ("variant", pa.map_(pa.string(), pa.string())),
+        ("model_spec", pa.string()),
+        ("model_kind", pa.string()),
+        ("model_location", pa.string()),
+        ("model_identity", pa.string()),
+        ("model_family", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("frames", pa.int32()),
+        ("fps", pa.int32()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float64()),
+        ("negative_prompt", pa.string()),
+        ("min_vram_gb", pa.float64()),
+        ("gpu_type", pa.string()),
+        ("pool", pa.string()),
     ]
 )
 
@@ -122,6 +152,9 @@ class JobRecord:
     max_attempts: int
     task_ids: tuple[str, ...]
     farm_version: str
+    priority: int = 0
+    timeout_s: float = 600.0
+    storage_json: str = "{}"
 
     @property
     def task_count(self) -> int:
@@ -302,7 +335,7 @@ class Catalog:
     def jobs(self) -> list[JobRecord]:
         records = []
         for path in self._files(self._path("jobs")):
-            table = pq.read_table(path, filesystem=self.fs)
+            table = pq.read_table(path, filesystem=self.fs, schema=JOB_SCHEMA)
             records.extend(_job_from_row(row) for row in table.to_pylist())
         return sorted(records, key=lambda j: j.submitted_at)
 
@@ -321,6 +354,40 @@ class Catalog:
                                hint="list jobs with 'farm jobs' (and check FARM_HOME / FARM_CATALOG)")
         raise CatalogError(f"job id {job_id!r} is ambiguous ({len(matches)} jobs start with it)",
                            hint="give more characters of the id")
+
+    def record_tasks(self, job_id: str, tasks: list[Task]) -> None:
+        """Every task of a job, as the controller needs it to run (or re-run after a restart)."""
+        rows = [{
+            "task_id": t.task_id, "prompt": t.prompt, "seed": t.seed, "mode": t.mode, "source": t.source,
+            "variant": list(t.variant), "model_spec": t.model.spec, "model_kind": t.model.kind,
+            "model_location": t.model.location, "model_identity": t.model.identity, "model_family": t.model.family,
+            **{k: getattr(t.settings, k) for k in ("width", "height", "frames", "fps", "steps", "guidance",
+                                                   "negative_prompt")},
+            "min_vram_gb": t.needs.min_vram_gb, "gpu_type": t.needs.gpu_type, "pool": t.needs.pool,
+        } for t in tasks]
+        self._write(pa.Table.from_pylist(rows, schema=TASK_SCHEMA),
+                    self._path("tasks", f"job_id={job_id}", "tasks.parquet"))
+
+    def tasks(self, job_id: str) -> list[Task]:
+        path = self._path("tasks", f"job_id={job_id}", "tasks.parquet")
+        try:
+            table = pq.read_table(path, filesystem=self.fs, schema=TASK_SCHEMA)
+        except (OSError, FileNotFoundError) as exc:
+            raise CatalogError(f"job {job_id} has no task list in the catalog ({exc})",
+                               hint="submit the manifest again") from None
+        columns = {name: table.column(name).to_pylist() for name in TASK_SCHEMA.names}
+        models: dict[tuple, ModelRef] = {}
+        out = []
+        for i in range(table.num_rows):
+            c = {name: values[i] for name, values in columns.items()}
+            key = (c["model_spec"], c["model_kind"], c["model_location"], c["model_identity"], c["model_family"])
+            model = models.setdefault(key, ModelRef(*key))
+            settings = RenderSettings(c["width"], c["height"], c["frames"], c["fps"], c["steps"], c["guidance"],
+                                      c["negative_prompt"] or "")
+            out.append(Task(c["task_id"], c["prompt"], c["seed"], model, settings, tuple(c["variant"] or ()),
+                            c["mode"], c["source"] or "", Requirements(c["min_vram_gb"] or 0.0, c["gpu_type"],
+                                                                       c["pool"])))
+        return out
 
     def events(self, job_id: str) -> list[dict]:
         files = self._live_files(self._path("events", f"job_id={job_id}"))
@@ -393,6 +460,7 @@ class Catalog:
         }
         events = self.events(job.job_id)
         state = events[-1]["event"] if events else "submitted"
+        state = "running" if state == "admitted" else state
         return JobStatus(job, state, counts, attempts, rendered, events[-1]["at"] if events else None)
 
     def results(self, job: JobRecord, keep: ResultFilter | None = None) -> list[dict]:
@@ -456,7 +524,7 @@ class Catalog:
 
 
 def _job_from_row(row: dict) -> JobRecord:
-    fields = {k: row[k] for k in JobRecord.__dataclass_fields__ if k in row}
+    fields = {k: row[k] for k in JobRecord.__dataclass_fields__ if k in row and row[k] is not None}
     fields["task_ids"] = tuple(row.get("task_ids") or ())
     return JobRecord(**fields)
 

@@ -80,15 +80,22 @@ def validate(manifest: ManifestArg) -> None:
     out.print(f"[green]ok[/green] {manifest}: campaign {mf.manifest.campaign}, {count} tasks, model {mf.model.spec}")
 
 
+AddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster to use (e.g. 10.0.0.5:6379); default: an embedded local Ray.")
+]
+
+
 @app.command()
 def plan(
     manifest: ManifestArg,
     output: OutputOpt = None,
+    address: Annotated[str | None, typer.Option(help="Route against this Ray cluster's pools.")] = None,
     show: Annotated[int, typer.Option(help="List this many of the tasks that will render.")] = 10,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Show what submitting a manifest would do: tasks, already done, to render."""
-    p = api.plan(manifest, output)
+    """Show what submitting a manifest would do: tasks, already done, to render, and which pool
+    each would go to."""
+    p = api.plan(manifest, output, address=address)
     mf = p.manifest
     summary = {
         "campaign": mf.manifest.campaign,
@@ -100,17 +107,22 @@ def plan(
         "already_done": len(p.done),
         "to_render": len(p.to_render),
         "max_attempts": mf.max_attempts,
+        "priority": mf.manifest.priority,
+        "routes": p.routes,
     }
     if fmt is Format.json:
         summary["to_render_tasks"] = [
             {"task_id": t.task_id, "prompt": t.prompt, "seed": t.seed, "variant": t.variant_dict,
-             "width": t.settings.width, "height": t.settings.height, "frames": t.settings.frames}
+             "width": t.settings.width, "height": t.settings.height, "frames": t.settings.frames,
+             "min_vram_gb": t.needs.min_vram_gb}
             for t in p.to_render
         ]
         _json(summary)
         return
     for key, value in summary.items():
-        out.print(f"{key.replace('_', ' '):>20}: {value}")
+        if key == "routes":
+            value = ", ".join(f"{n} tasks → pool {pool}" for pool, n in value.items()) or "nothing to route"
+        out.print(f"{key.replace('_', ' '):>20}: {value}", markup=False)
     if p.to_render and show > 0:
         table = Table(title=f"first {min(show, len(p.to_render))} of {len(p.to_render)} to render")
         for column in ("task", "size", "seed", "prompt"):
@@ -124,11 +136,10 @@ def plan(
 @app.command()
 def submit(
     manifest: ManifestArg,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to use (e.g. 10.0.0.5:6379); default: an embedded local Ray.")
-    ] = None,
+    address: AddressOpt = None,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Renderers to start; default one per GPU, else one per core.")
+        int | None,
+        typer.Option(min=1, help="Renderer slots of an embedded Ray; default one per GPU, else one per core."),
     ] = None,
     output: OutputOpt = None,
     fmt: FormatOpt = Format.table,
@@ -148,7 +159,10 @@ def submit(
     )
     bar: list = []
 
+    plan_done: dict = {}
+
     def on_plan(p: api.Plan, job_id: str) -> None:
+        plan_done.update(p.done)
         if show:
             err.print(f"job [bold]{job_id}[/bold]: {len(p.tasks)} tasks, {len(p.done)} already done, "
                       f"{len(p.to_render)} to render")
@@ -157,8 +171,10 @@ def submit(
 
     def on_progress(pr) -> None:
         if bar:
-            progress.update(bar[0], completed=pr.succeeded + pr.failed,
-                            detail=f"done {pr.succeeded} · failed {pr.failed} · ETA {_duration(pr.eta_s)}")
+            waiting = f" · {pr.waiting_for_pool} waiting for a pool" if pr.waiting_for_pool else ""
+            progress.update(bar[0], completed=pr.succeeded + pr.failed - len(plan_done),
+                            detail=f"done {pr.succeeded - len(plan_done)} · failed {pr.failed} · "
+                                   f"{pr.renderers} renderers · ETA {_duration(pr.eta_s)}{waiting}")
 
     with progress:
         result = api.submit(manifest, address=address, workers=workers, output=output,
@@ -173,6 +189,7 @@ def submit(
         "attempts": run.attempts if run else 0,
         "elapsed_s": round(run.elapsed_s, 2) if run else 0.0,
         "renderers": len(result.renderers),
+        "state": run.state if run else "finished",
         "outputs": result.output,
         "catalog": result.catalog_root,
     }
@@ -188,6 +205,43 @@ def submit(
     else:
         _json(summary)
     raise typer.Exit(EXIT_FAILED if summary["failed"] else EXIT_OK)
+
+
+@app.command()
+def cancel(
+    job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or a campaign name).")],
+    address: Annotated[str | None, typer.Option(help="The Ray cluster the job runs on.")] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Stop a running job: nothing new is dispatched and running attempts stop within seconds.
+    Submitting the manifest again resumes it."""
+    progress = api.cancel(job, address)
+    if fmt is Format.json:
+        _json(progress)
+        return
+    out.print(f"job {progress['job_id']}: cancelling — {progress['succeeded']} done, {progress['in_flight']} "
+              f"running attempts stop within seconds; submit the manifest again to resume")
+
+
+@app.command()
+def pools(
+    address: Annotated[str | None, typer.Option(help="The Ray cluster to look at.")] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """The cluster's renderer pools: GPU type, VRAM, cost, nodes, renderers and what they do."""
+    rows = api.pools(address)
+    if fmt is Format.json:
+        _json(rows)
+        return
+    table = Table()
+    for column in ("pool", "gpu", "vram", "$/h", "slots", "nodes", "renderers", "busy"):
+        table.add_column(column)
+    for r in rows:
+        busy = sum(bool(x["busy"]) for x in r["renderers"])
+        table.add_row(r["pool"], r["gpu_type"] or "CPU", f"{r['vram_gb']:g} GB" if r["vram_gb"] else "-",
+                      f"{r['cost_per_hour']:g}", str(r["slots"]), str(len(r["nodes"])), str(len(r["renderers"])),
+                      str(busy))
+    out.print(table)
 
 
 def _status_dict(s) -> dict:

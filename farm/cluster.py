@@ -1,4 +1,5 @@
-"""Connect to Ray (or start an embedded one), decide renderer slots, start renderer actors."""
+"""Connect to Ray (or start an embedded one), discover renderer pools from node resources, start
+renderer actors in them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import socket
 from dataclasses import dataclass
 
 from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S
-from farm.errors import ClusterError, ModelError
-from farm.render import Renderer, RendererInfo, TestFaults
-from farm.task import ModelRef
+from farm.errors import ClusterError
+from farm.render import Renderer
+from farm.task import ModelRef, Pool
 
 
 @dataclass(frozen=True)
@@ -20,23 +21,6 @@ class ClusterInfo:
     nodes: int
     cpus: float
     gpus: float
-
-
-@dataclass(frozen=True)
-class SlotSpec:
-    """One renderer's reservation: a GPU each where there are GPUs, else CPU cores."""
-
-    name: str
-    num_cpus: float
-    num_gpus: float
-    threads: int
-
-
-@dataclass
-class RendererHandle:
-    slot: SlotSpec
-    actor: object  # a Ray ActorHandle of Renderer
-    info: RendererInfo
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterInfo:
@@ -97,41 +81,64 @@ def disconnect(info: ClusterInfo) -> None:
         ray.shutdown()
 
 
-def plan_slots(info: ClusterInfo, workers: int | None = None) -> list[SlotSpec]:
-    """One renderer per GPU; without GPUs, one per ``CPUS_PER_CPU_RENDERER`` cores."""
-    if info.gpus >= 1:
-        count = int(info.gpus) if workers is None else min(workers, int(info.gpus))
-        return [SlotSpec(f"gpu-{i}", 1, 1, 2) for i in range(count)]
-    available = max(1, int(info.cpus // CPUS_PER_CPU_RENDERER))
-    count = available if workers is None else workers
-    if count < 1:
-        raise ClusterError(f"--workers {count}: need at least one renderer", field="--workers", hint="use 1 or more")
-    return [SlotSpec(f"cpu-{i}", CPUS_PER_CPU_RENDERER, 0, CPUS_PER_CPU_RENDERER) for i in range(count)]
+POOL_RESOURCE = "farm_pool:"  # farm_pool:<name> = renderer slots the node offers to that pool
+GPU_TYPE_RESOURCE = "farm_gpu:"  # farm_gpu:<type> = 1
+VRAM_RESOURCE = "farm_vram_gb"  # GPU memory of each of the node's GPUs
+COST_RESOURCE = "farm_cost_per_hour"  # what one of the node's renderer slots costs an hour
+LOCAL_POOL = "local"
 
 
-def start_renderers(
-    model: ModelRef, slots: list[SlotSpec], test_faults: TestFaults | None = None
-) -> list[RendererHandle]:
-    """Start one Renderer actor per slot and wait until each has its model resident."""
+@dataclass(frozen=True)
+class PoolCapacity:
+    pool: Pool
+    slots: int  # renderers the pool's alive nodes can host
+    nodes: tuple[str, ...]
+    gpus_per_slot: float
+
+
+def discover_pools(nodes: list[dict] | None = None) -> list[PoolCapacity]:
+    """Pools from the alive nodes' resources. A node joins pool P by offering ``farm_pool:P``
+    (e.g. ``ray start --resources '{"farm_pool:l4": 2, "farm_gpu:L4": 1, "farm_vram_gb": 24,
+    "farm_cost_per_hour": 0.8}'``). A cluster without such resources is one pool, ``local``:
+    one slot per GPU, or per CPU core without GPUs."""
     import ray
 
-    remote_renderer = ray.remote(Renderer)
-    actors = [
-        remote_renderer.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=0, max_task_retries=0)
-        .remote(model, None, s.threads, test_faults)
-        for s in slots
-    ]
-    infos = ray.get([a.info.remote() for a in actors])
-    failed = [i for i in infos if i.load_error]
-    if failed:
-        for actor in actors:
-            ray.kill(actor)
-        raise ModelError(f"model {model.spec!r} did not load: {failed[0].load_error}", field="model")
-    return [RendererHandle(s, a, i) for s, a, i in zip(slots, actors, infos, strict=True)]
+    alive = [n for n in (nodes if nodes is not None else ray.nodes()) if n.get("Alive")]
+    pools: dict[str, dict] = {}
+    for node in alive:
+        resources = node.get("Resources", {})
+        for key, count in resources.items():
+            if not key.startswith(POOL_RESOURCE):
+                continue
+            name = key[len(POOL_RESOURCE):]
+            gpu_type = next((k[len(GPU_TYPE_RESOURCE):] for k in resources if k.startswith(GPU_TYPE_RESOURCE)), None)
+            entry = pools.setdefault(name, {"slots": 0, "nodes": [], "gpu_type": gpu_type,
+                                            "vram": resources.get(VRAM_RESOURCE),
+                                            "cost": resources.get(COST_RESOURCE, 0.0),
+                                            "gpus": resources.get("GPU", 0.0)})
+            entry["slots"] += int(count)
+            entry["nodes"].append(node["NodeID"])
+    if pools:
+        return [PoolCapacity(Pool(name, e["gpu_type"], e["vram"], float(e["cost"])), e["slots"], tuple(e["nodes"]),
+                             1.0 if e["gpus"] else 0.0) for name, e in sorted(pools.items())]
+    gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in alive)
+    cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in alive)
+    slots = int(gpus) if gpus >= 1 else max(1, int(cpus // CPUS_PER_CPU_RENDERER))
+    gpu_type = "GPU" if gpus >= 1 else None
+    return [PoolCapacity(Pool(LOCAL_POOL, gpu_type, None, 0.0), slots, tuple(n["NodeID"] for n in alive),
+                         1.0 if gpus >= 1 else 0.0)]
 
 
-def stop_renderers(handles: list[RendererHandle]) -> None:
+def start_renderer(model: ModelRef, capacity: PoolCapacity):
+    """Start one Renderer actor in a pool. Returns the actor handle at once; its ``info()``
+    resolves once the model is resident."""
     import ray
 
-    for handle in handles:
-        ray.kill(handle.actor)
+    resources = {} if capacity.pool.name == LOCAL_POOL else {f"{POOL_RESOURCE}{capacity.pool.name}": 1}
+    threads = 2 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER
+    return (
+        ray.remote(Renderer)
+        .options(num_cpus=0 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER, num_gpus=capacity.gpus_per_slot,
+                 resources=resources, max_restarts=0, max_task_retries=0)
+        .remote(model, None, threads)
+    )

@@ -16,6 +16,8 @@ DEFAULT_FPS = 8
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_RETRIES = 2
+# An attempt running longer than this has its renderer stopped and replaced (manifest: timeout_s).
+DEFAULT_TASK_TIMEOUT_S = 900.0
 DEFAULT_MODEL = "tiny"
 
 # Dispatch: tasks queued at each renderer beyond the one it is rendering, so it never waits

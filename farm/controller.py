@@ -1,126 +1,493 @@
-"""Runs one job's tasks on renderer actors: the scheduler's decisions carried out with Ray.
+"""The controller: one detached, named Ray actor that owns every job's queue and the renderer pools.
 
-Keeps a bounded number of tasks in flight per renderer, collects results as they finish,
-retries failures with backoff up to the job's limit, requeues the work of a renderer that died,
-and writes every attempt to the catalog in batches.
+It runs the scheduler's decisions against real Ray actors in a background thread:
+- renderers are started per pool and model as queued work needs them (cheapest fitting pool
+  first), kept resident across jobs, replaced when they die, and retired when another model needs
+  the slot;
+- each renderer has a bounded number of tasks in flight; results are collected as they finish
+  and every attempt goes to the catalog in batches;
+- a renderer that dies has its in-flight tasks requeued as interrupted; one that runs a task past
+  the job's timeout is killed and replaced, and that attempt counts as failed;
+- cancel stops dispatch at once and stops the job's running work after a short grace period.
+
+Its state lives in the catalog: jobs and their task lists are written by the submitting client,
+attempts and events by the controller. Ray restarts the actor if it dies, and the new one picks up
+every unfinished job from the catalog, adopting clips that were finished but not yet catalogued.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
 
-from farm.catalog import Catalog, attempt_row
-from farm.cluster import RendererHandle
-from farm.errors import ClusterError
-from farm.scheduler import Outcome, Progress, Scheduler
-from farm.storage import OutputTarget
-from farm.task import AttemptStatus, Result, Task
+from farm.catalog import AttemptWriter, Catalog, JobRecord, attempt_row
+from farm.scheduler import Decision, Dispatch, JobLimits, Outcome, Scheduler
+from farm.storage import OutputTarget, StorageOptions, open_sink
+from farm.task import AttemptStatus, ModelRef, Result, Task
 
-# How long one wait for results may block, so progress and retries stay timely.
-_WAIT_S = 0.5
+CONTROLLER_NAME = "farm-controller"
+NAMESPACE = "farm"
+_WAIT_S = 0.2  # longest a loop turn blocks waiting for results
+_POOL_REFRESH_S = 2.0  # how often the cluster's nodes are read for pools
+CANCEL_GRACE_S = 2.0  # running attempts of a cancelled job get this long before their renderer is stopped
+FINISHED_JOBS_KEPT = 1000
+
+log = logging.getLogger("farm.controller")
 
 
 @dataclass(frozen=True)
 class JobProgress:
+    job_id: str
     total: int
     succeeded: int
     failed: int
     in_flight: int
     queued: int
+    waiting_for_pool: int
+    state: str  # running | finished | cancelled
     elapsed_s: float
     eta_s: float | None
+    renderers: int
 
 
-@dataclass(frozen=True)
-class JobOutcome:
-    succeeded: int
-    failed: int
-    attempts: int
-    elapsed_s: float
-    busy_s: float  # sum over attempts of generate + encode + write time
-    lost_renderers: int
+@dataclass
+class _RunningJob:
+    record: JobRecord
+    target: OutputTarget
+    limits: JobLimits
+    model: ModelRef
+    writer: AttemptWriter
+    started: float
+    skipped: int  # tasks already done (or being rendered for another job) when the controller took the job
+    todo: set[str] = field(default_factory=set)  # task ids this job renders itself
+    cancel_at: float | None = None
+    test_faults: object = None
 
 
-def _progress(p: Progress, started: float) -> JobProgress:
-    elapsed = time.monotonic() - started
-    finished = p.succeeded + p.failed
-    remaining = p.total - finished
-    eta = elapsed / finished * remaining if finished else None
-    return JobProgress(p.total, p.succeeded, p.failed, p.in_flight, p.queued, elapsed, eta)
+@dataclass
+class _Renderer:
+    slot: str
+    pool: str
+    model: ModelRef
+    actor: object
+    ready: bool = False
+    queue: deque = field(default_factory=deque)  # (ref, dispatch) in dispatch order: the head is running
+    head_started: float = 0.0
+    loads: int = 0
+    load_s: float = 0.0
+    node_id: str = ""
+    actor_id: str = ""
+    pid: int = 0
 
 
-class JobController:
-    def __init__(
-        self,
-        job_id: str,
-        tasks: list[Task],
-        renderers: list[RendererHandle],
-        catalog: Catalog,
-        target: OutputTarget,
-        max_attempts: int,
-        on_progress: Callable[[JobProgress], None] | None = None,
-        scheduler: Scheduler | None = None,
-    ) -> None:
-        self.job_id = job_id
-        self.tasks = tasks
-        self.renderers = {h.slot.name: h for h in renderers}
-        self.catalog = catalog
-        self.target = target
-        self.on_progress = on_progress or (lambda _p: None)
-        self.scheduler = scheduler or Scheduler(tasks, max_attempts)
+def adopt_finished_outputs(catalog: Catalog, job_id: str, target: OutputTarget, tasks: list[Task]) -> set[str]:
+    """Catalog clips whose commit marker is in the output but whose row never reached the catalog
+    (the writer died between the two), instead of rendering them again. Also aborts uploads a
+    killed renderer left half-done for the others."""
+    from farm.render import result_from_record
 
-    def run(self) -> JobOutcome:
+    sink = open_sink(target)
+    adopted: set[str] = set()
+    with catalog.writer(job_id) as writer:
+        for task in tasks:
+            record = sink.get_json(f"{task.task_id}.json")
+            if not record or record.get("task_id") != task.task_id:
+                continue
+            result = result_from_record(record)
+            if result.succeeded and sink.matches(f"{task.task_id}.mp4", result.sha256):
+                writer.add(attempt_row(task, result, target.uri, final=True, recovered=True))
+                adopted.add(task.task_id)
+    pending = {t.task_id for t in tasks} - adopted
+    sink.abort_incomplete({f"{t}{suffix}" for t in pending for suffix in (".mp4", ".jpg", ".json")})
+    return adopted
+
+
+def job_target(record: JobRecord) -> OutputTarget:
+    return OutputTarget(record.output, StorageOptions(**json.loads(record.storage_json or "{}")))
+
+
+class Controller:
+    """Made a detached named actor by ``get_or_start_controller``; a plain class for tests."""
+
+    def __init__(self, catalog_location: str) -> None:
+        import ray
+
+        # Identifies this Ray cluster's lifetime: a controller restarted by Ray in the same cluster
+        # resumes the jobs admitted here; jobs of a cluster that is gone wait for a re-submit.
+        self.session = ray.get_runtime_context().get_session_name() if ray.is_initialized() else "local"
+        self.catalog = Catalog(catalog_location)
+        self.scheduler = Scheduler()
+        self.lock = threading.RLock()
+        self.jobs: dict[str, _RunningJob] = {}
+        self.finished: dict[str, JobProgress] = {}
+        self.renderers: dict[str, _Renderer] = {}
+        self.pending_starts: dict = {}  # info ref → slot
+        self.capacity: dict = {}  # pool name → PoolCapacity
+        self.in_flight: dict = {}  # result ref → (slot, Dispatch)
+        self._last_pool_refresh = 0.0
+        self._stop = threading.Event()
+        self.errors: deque[str] = deque(maxlen=50)
+        self.restored = self._restore()
+        self._thread = threading.Thread(target=self._run, name="farm-dispatch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API (remote calls)
+    def ping(self) -> dict:
+        return {"catalog": self.catalog.location, "jobs": list(self.jobs), "restored": self.restored}
+
+    def submit(self, job_id: str, test_faults=None) -> JobProgress:
+        """Take a job the client has written to the catalog. Submitting the same job twice is harmless.
+        ``test_faults`` (tests only) makes matching attempts of this job misbehave."""
+        with self.lock:
+            if job_id in self.jobs:
+                return self._progress(job_id)
+            self._admit(self.catalog.job(job_id), test_faults)
+            return self._progress(job_id) if job_id in self.jobs else self.finished[job_id]
+
+    def progress(self, job_id: str) -> JobProgress | None:
+        with self.lock:
+            if job_id in self.jobs:
+                return self._progress(job_id)
+            return self.finished.get(job_id)
+
+    def cancel(self, job_id: str) -> JobProgress | None:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return self.finished.get(job_id)
+            if job.cancel_at is None:
+                job.cancel_at = time.monotonic() + CANCEL_GRACE_S
+                self.scheduler.cancel(job_id)
+            return self._progress(job_id)
+
+    def pools(self) -> list[dict]:
+        with self.lock:
+            out = []
+            for name, cap in self.capacity.items():
+                members = [r for r in self.renderers.values() if r.pool == name]
+                out.append({
+                    "pool": name, "gpu_type": cap.pool.gpu_type, "vram_gb": cap.pool.vram_gb,
+                    "cost_per_hour": cap.pool.cost_per_hour, "slots": cap.slots, "nodes": list(cap.nodes),
+                    "renderers": [{
+                        "slot": r.slot, "model": r.model.spec, "ready": r.ready, "node_id": r.node_id,
+                        "busy": [f"{j}/{t}" for j, t in self.scheduler.slot_load(r.slot)],
+                    } for r in members],
+                })
+            return out
+
+    def renderer_stats(self) -> list[dict]:
+        with self.lock:
+            return [{"slot": r.slot, "pool": r.pool, "model": r.model.spec, "loads": r.loads, "load_s": r.load_s,
+                     "ready": r.ready, "node_id": r.node_id, "actor_id": r.actor_id, "pid": r.pid}
+                    for r in self.renderers.values()]
+
+    def recent_errors(self) -> list[str]:
+        return list(self.errors)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        with self.lock:
+            for job in self.jobs.values():
+                job.writer.flush()
+
+    # ------------------------------------------------------------------ admission and restore
+    def _restore(self) -> list[str]:
+        """After a restart by Ray, pick up every job this cluster's controller had admitted and
+        not finished."""
+        restored = []
+        for record in self.catalog.jobs():
+            events = self.catalog.events(record.job_id)
+            if not events or events[-1]["event"] != "admitted" or events[-1]["detail"] != self.session:
+                continue
+            try:
+                self._admit(record)
+                restored.append(record.job_id)
+            except Exception as exc:  # one bad job must not keep the controller down
+                self.errors.append(f"restore {record.job_id}: {exc}")
+        return restored
+
+    def _admit(self, record: JobRecord, test_faults=None) -> None:
+        tasks = self.catalog.tasks(record.job_id)
+        target = job_target(record)
+        done = self.catalog.done([t.task_id for t in tasks], target.uri)
+        todo = [t for t in tasks if t.task_id not in done]
+        adopted = adopt_finished_outputs(self.catalog, record.job_id, target, todo) if todo else set()
+        todo = [t for t in todo if t.task_id not in adopted]
+        # A task another running job renders into the same output is rendered once, for that job.
+        busy = {t for j in self.jobs.values() if j.target.uri == target.uri for t in j.todo}
+        todo = [t for t in todo if t.task_id not in busy]
+        limits = JobLimits(max_attempts=record.max_attempts)
+        model = tasks[0].model if tasks else None
+        if not todo:
+            self.catalog.record_event(record.job_id, "finished", "nothing to render")
+            self.finished[record.job_id] = JobProgress(record.job_id, len(tasks), len(tasks), 0, 0, 0, 0,
+                                                       "finished", 0.0, 0.0, 0)
+            return
+        self.scheduler.add_job(record.job_id, todo, record.priority, limits, model.identity)
+        self.jobs[record.job_id] = _RunningJob(record, target, limits, model, self.catalog.writer(record.job_id),
+                                               time.monotonic(), len(tasks) - len(todo),
+                                               {t.task_id for t in todo}, test_faults=test_faults)
+        self.catalog.record_event(record.job_id, "admitted", self.session)
+
+    def _progress(self, job_id: str) -> JobProgress:
+        job = self.jobs[job_id]
+        p = self.scheduler.progress(job_id)
+        elapsed = time.monotonic() - job.started
+        finished = p.succeeded + p.failed
+        remaining = p.total - finished
+        eta = elapsed / finished * remaining if finished else None
+        state = "cancelled" if p.cancelled else ("finished" if p.finished else "running")
+        renderers = sum(1 for r in self.renderers.values() if r.model.identity == job.model.identity and r.ready)
+        return JobProgress(job_id, p.total + job.skipped, p.succeeded + job.skipped, p.failed, p.in_flight,
+                           p.queued, self.scheduler.waiting_without_pool(job_id), state, elapsed, eta, renderers)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._turn()
+            except Exception:  # keep dispatching; the error is visible through recent_errors()
+                self.errors.append(traceback.format_exc(limit=5))
+                time.sleep(0.5)
+
+    def _turn(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        with self.lock:
+            if now - self._last_pool_refresh >= _POOL_REFRESH_S:
+                self._refresh_pools()
+                self._last_pool_refresh = now
+            self._scale_renderers()
+            self._check_timeouts_and_cancels()
+            for d in self.scheduler.next_dispatches():
+                self._send(d)
+            for decision in self.scheduler.drain_decisions():  # taken while dispatching
+                self._apply(decision, None, None)
+            waiting = list(self.in_flight) + list(self.pending_starts)
+        if not waiting:
+            time.sleep(_WAIT_S)
+        else:
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)
+            if ready:
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            with self.lock:
+                for ref in ready:
+                    if ref in self.pending_starts:
+                        self._renderer_started(ref)
+                    elif ref in self.in_flight:
+                        self._collect(ref)
+        with self.lock:
+            for job_id in list(self.jobs):
+                self.jobs[job_id].writer.maybe_flush()
+                self._maybe_finish(job_id)
+
+    def _refresh_pools(self) -> None:
+        from farm.cluster import discover_pools
+
+        capacities = {c.pool.name: c for c in discover_pools()}
+        for cap in capacities.values():
+            self.scheduler.add_pool(cap.pool)
+        self.capacity = capacities
+
+    def _scale_renderers(self) -> None:
+        """Start renderers where queued work needs them: for each job in priority order, in the
+        cheapest fitting pool with a free slot; retire an idle renderer of another model if that
+        is the only way to get a slot."""
+        from farm.cluster import start_renderer
+
+        demand = self.scheduler.demand()
+        for model_identity, _priority, needs_groups, queued in demand:
+            job = next((j for j in self.jobs.values() if j.model.identity == model_identity), None)
+            if job is None:
+                continue
+            serving = [r for r in self.renderers.values() if r.model.identity == model_identity]
+            if len(serving) >= queued:
+                continue
+            pools = sorted({p.name: p for n in needs_groups for p in self.scheduler.routes(n)}.values(),
+                           key=lambda p: (p.cost_per_hour, p.name))
+            for pool in pools:
+                cap = self.capacity.get(pool.name)
+                if cap is None:
+                    continue
+                used = [r for r in self.renderers.values() if r.pool == pool.name]
+                if len(used) >= cap.slots:
+                    idle_other = [r for r in used if r.model.identity != model_identity and r.ready
+                                  and not r.queue and not self._model_has_work(r.model.identity)]
+                    if not idle_other:
+                        continue
+                    self._retire(idle_other[0], "another model needs the slot")
+                slot = f"{pool.name}-{uuid.uuid4().hex[:6]}"
+                actor = start_renderer(job.model, cap)
+                self.renderers[slot] = _Renderer(slot, pool.name, job.model, actor)
+                self.pending_starts[actor.info.remote()] = slot
+                break
+
+    def _model_has_work(self, model_identity: str) -> bool:
+        return any(m == model_identity for m, *_ in self.scheduler.demand())
+
+    def _renderer_started(self, ref) -> None:
+        import ray
+
+        slot = self.pending_starts.pop(ref)
+        renderer = self.renderers.get(slot)
+        if renderer is None:
+            return
+        try:
+            info = ray.get(ref)
+        except Exception as exc:  # died while loading (node lost, OOM)
+            self.errors.append(f"renderer {slot} did not start: {str(exc).splitlines()[0]}")
+            self.renderers.pop(slot, None)
+            return
+        if info.load_error:
+            self.errors.append(f"renderer {slot}: {info.load_error}")
+            self._fail_model_jobs(renderer.model, info.load_error)
+            self._retire(renderer, "model did not load")
+            return
+        renderer.ready, renderer.loads, renderer.load_s = True, info.pipeline_loads, info.load_seconds
+        renderer.node_id, renderer.actor_id, renderer.pid = info.node_id, info.actor_id, info.pid
+        self.scheduler.add_slot(slot, renderer.pool, renderer.model.identity)
+
+    def _fail_model_jobs(self, model: ModelRef, error: str) -> None:
+        for job_id, job in list(self.jobs.items()):
+            if job.model.identity == model.identity:
+                self.scheduler.cancel(job_id)
+                self.catalog.record_event(job_id, "failed", f"model did not load: {error}")
+                job.cancel_at = time.monotonic()
+
+    def _send(self, d: Dispatch) -> None:
+        renderer = self.renderers[d.slot]
+        job = self.jobs[d.job_id]
+        ref = renderer.actor.render.remote(d.task, d.attempt, job.target, job.test_faults)
+        if not renderer.queue:
+            renderer.head_started = time.monotonic()
+        renderer.queue.append((ref, d))
+        self.in_flight[ref] = (d.slot, d)
+
+    def _collect(self, ref) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        for slot in self.renderers:
-            self.scheduler.add_slot(slot)
-        in_flight: dict = {}  # ObjectRef → Dispatch
-        started = time.monotonic()
-        attempts = 0
-        busy = 0.0
-        lost = 0
-        with self.catalog.writer(self.job_id) as writer:
-            while not self.scheduler.finished:
-                for d in self.scheduler.next_dispatches():
-                    actor = self.renderers[d.slot].actor
-                    in_flight[actor.render.remote(d.task, d.attempt, self.target)] = d
-                if not in_flight:
-                    if not self.scheduler.slots:
-                        raise ClusterError("every renderer died; the job cannot go on",
-                                           hint="re-submit to resume once the cluster is healthy")
-                    time.sleep(min(_WAIT_S, self.scheduler.seconds_until_next_retry() or _WAIT_S))
-                    continue
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=_WAIT_S)
-                if ready:  # take every result that is in, not just the first
-                    ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
-                for ref in ready:
-                    if ref not in in_flight:
-                        continue  # its renderer was already written off
-                    d = in_flight.pop(ref)
-                    try:
-                        result: Result = ray.get(ref)
-                    except RayActorError:
-                        # The renderer is gone (node lost, OOM, killed): its tasks go back to the
-                        # queue as interrupted, not failed.
-                        lost += 1
-                        self.scheduler.remove_slot(d.slot)
-                        self.renderers.pop(d.slot, None)
-                        for other in [r for r, o in in_flight.items() if o.slot == d.slot]:
-                            in_flight.pop(other)
-                        continue
-                    except RayTaskError as exc:
-                        result = Result(d.task.task_id, d.attempt, AttemptStatus.FAILED,
-                                        error=str(exc).strip().splitlines()[-1][:2000],
-                                        started_at=time.time(), finished_at=time.time())
-                    attempts += 1
-                    t = result.timings
-                    busy += t.generate_s + t.encode_s + t.write_s
-                    decision = self.scheduler.record(d.slot, d.task, result.succeeded, result.error)
-                    writer.add(attempt_row(d.task, result, self.target.uri, final=decision.outcome != Outcome.RETRY))
-                writer.maybe_flush()
-                self.on_progress(_progress(self.scheduler.progress(), started))
-        p = self.scheduler.progress()
-        return JobOutcome(p.succeeded, p.failed, attempts, time.monotonic() - started, busy, lost)
+        slot, d = self.in_flight.pop(ref)
+        renderer = self.renderers.get(slot)
+        if renderer is not None:
+            if renderer.queue and renderer.queue[0][0] == ref:
+                renderer.queue.popleft()
+                renderer.head_started = time.monotonic()
+            else:
+                renderer.queue = deque(item for item in renderer.queue if item[0] != ref)
+        try:
+            result: Result = ray.get(ref)
+        except RayActorError as exc:
+            self._renderer_lost(slot, str(exc).splitlines()[0] if str(exc) else "renderer died")
+            return
+        except RayTaskError as exc:
+            result = Result(d.task.task_id, d.attempt, AttemptStatus.FAILED,
+                            error=str(exc).strip().splitlines()[-1][:2000], started_at=time.time(),
+                            finished_at=time.time())
+        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error)
+        self._apply(decision, d, result)
+
+    def _apply(self, decision: Decision, d: Dispatch | None, result: Result | None) -> None:
+        job = self.jobs.get(decision.job_id)
+        if job is None:
+            return
+        task = d.task if d else decision.task
+        if task is None:
+            return
+        if result is None:  # a decision without an attempt result: interrupted, poison task, stuck job
+            status = {Outcome.FAILED: AttemptStatus.FAILED, Outcome.DROPPED: AttemptStatus.CANCELLED}.get(
+                decision.outcome, AttemptStatus.INTERRUPTED)
+            result = Result(decision.task_id, d.attempt if d else 0, status, error=decision.reason,
+                            started_at=time.time(), finished_at=time.time())
+        elif decision.outcome is Outcome.DROPPED and not result.succeeded:
+            result = replace(result, status=AttemptStatus.CANCELLED)
+        job.writer.add(attempt_row(task, result, job.target.uri, final=decision.final))
+
+    def _renderer_lost(self, slot: str, reason: str) -> None:
+        renderer = self.renderers.pop(slot, None)
+        queued = list(renderer.queue) if renderer else []
+        for ref, _ in queued:
+            self.in_flight.pop(ref, None)
+        dispatches = {(d.job_id, d.task.task_id): d for _, d in queued}
+        for decision in self.scheduler.remove_slot(slot, reason):
+            self._apply(decision, dispatches.get((decision.job_id, decision.task_id)), None)
+
+    def _retire(self, renderer: _Renderer, reason: str) -> None:
+        import ray
+
+        self._renderer_lost(renderer.slot, reason)
+        ray.kill(renderer.actor, no_restart=True)
+
+    def _check_timeouts_and_cancels(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        for renderer in list(self.renderers.values()):
+            if not renderer.queue:
+                continue
+            ref, head = renderer.queue[0]
+            job = self.jobs.get(head.job_id)
+            if job is None:
+                continue
+            if job.cancel_at is not None and now >= job.cancel_at:
+                self._retire(renderer, "job cancelled")
+                continue
+            if now - renderer.head_started > job.record.timeout_s:
+                # The attempt counts as failed (retried with backoff); the renderer is replaced.
+                self.in_flight.pop(ref, None)
+                renderer.queue.popleft()
+                reason = f"timed out after {job.record.timeout_s:g}s on renderer {renderer.slot}"
+                decision = self.scheduler.record(renderer.slot, head.job_id, head.task.task_id, False, reason)
+                result = Result(head.task.task_id, head.attempt, AttemptStatus.FAILED, error=reason,
+                                node_id=renderer.node_id, started_at=time.time(), finished_at=time.time())
+                self._apply(decision, head, result)
+                self._renderer_lost(renderer.slot, "stopped after a timeout")
+                ray.kill(renderer.actor, no_restart=True)
+
+    def _maybe_finish(self, job_id: str) -> None:
+        job = self.jobs[job_id]
+        p = self.scheduler.progress(job_id)
+        if not p.finished:
+            return
+        job.writer.flush()
+        final = self._progress(job_id)
+        event = "cancelled" if p.cancelled else "finished"
+        self.catalog.record_event(job_id, event, f"{p.succeeded} succeeded, {p.failed} failed")
+        self.finished[job_id] = final
+        while len(self.finished) > FINISHED_JOBS_KEPT:
+            self.finished.pop(next(iter(self.finished)))
+        self.scheduler.forget(job_id)
+        del self.jobs[job_id]
+
+
+def get_or_start_controller(catalog_location: str):
+    """The cluster's controller actor, started (detached, restarted by Ray if it dies) if absent."""
+    import ray
+
+    from farm.errors import ClusterError
+
+    actor = ray.remote(Controller).options(
+        name=CONTROLLER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=32,
+        num_cpus=0,
+    ).remote(catalog_location)
+    info = ray.get(actor.ping.remote())
+    if info["catalog"] != Catalog(catalog_location).location:
+        raise ClusterError(
+            f"the cluster's farm controller uses the catalog at {info['catalog']}, not {catalog_location}",
+            hint=f"set FARM_CATALOG={info['catalog']} so both sides see the same jobs",
+        )
+    return actor

@@ -32,13 +32,14 @@ from farm.config import (
     DEFAULT_MODEL,
     DEFAULT_RETRIES,
     DEFAULT_STEPS,
+    DEFAULT_TASK_TIMEOUT_S,
     DEFAULT_WIDTH,
     outputs_dir,
 )
 from farm.errors import FarmError, ManifestError
-from farm.models import constraints_for, resolve_model
+from farm.models import constraints_for, estimate_vram_gb, resolve_model
 from farm.storage import OutputTarget, StorageOptions, check_output
-from farm.task import ModelRef, RenderSettings, Task, compute_task_id
+from farm.task import ModelRef, RenderSettings, Requirements, Task, compute_task_id
 
 Scalar = str | int | float | bool
 RENDER_FIELDS = ("width", "height", "frames", "fps", "steps", "guidance", "negative_prompt")
@@ -90,6 +91,17 @@ class SeedRange(BaseModel):
     base: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
 
 
+class RequirementsSpec(BaseModel):
+    """What renderers may take a task: at least this much GPU memory, this GPU type, this pool.
+    Without ``min_vram_gb`` farm estimates it from the model and the clip's size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_vram_gb: Annotated[float, Field(ge=0, le=4096)] | None = None
+    gpu_type: str | None = None
+    pool: str | None = None
+
+
 class ExtraTask(BaseModel):
     """A hand-written task: its own prompt (or the template filled from ``vars``), seed, settings."""
 
@@ -99,6 +111,7 @@ class ExtraTask(BaseModel):
     vars: dict[str, Scalar] = {}
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     render: RenderOverrides = RenderOverrides()
+    requirements: RequirementsSpec | None = None
 
 
 class RowsSource(BaseModel):
@@ -138,6 +151,9 @@ class Manifest(BaseModel):
     output: str | None = None
     storage: StorageSettings = StorageSettings()
     retries: Annotated[int, Field(ge=0, le=100)] = DEFAULT_RETRIES
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0  # higher goes first across jobs
+    timeout_s: Annotated[float, Field(gt=0, le=86400)] = DEFAULT_TASK_TIMEOUT_S  # per attempt
+    requirements: RequirementsSpec = RequirementsSpec()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -384,6 +400,7 @@ class _Variant:
     prompt: str | None = None
     prompt_where: Where | None = None
     seed: int | None = None
+    requirements: RequirementsSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -433,6 +450,7 @@ def expand(mf: ManifestFile) -> Expansion:
             prompt=extra.prompt,
             prompt_where=mf.where("tasks", i, "prompt"),
             seed=extra.seed,
+            requirements=extra.requirements,
         )
         combos.append((f"tasks[{i}]", [variant]))
     if not combos:
@@ -444,7 +462,7 @@ def expand(mf: ManifestFile) -> Expansion:
     for source, parts in combos:
         values: dict[str, str] = {}
         layers = [base_layer]
-        prompt_template, prompt_where, seed = m.prompt, None, None
+        prompt_template, prompt_where, seed, wanted = m.prompt, None, None, m.requirements
         for part in parts:
             values.update(part.values)
             layers.extend(part.overrides)
@@ -452,6 +470,8 @@ def expand(mf: ManifestFile) -> Expansion:
                 prompt_template, prompt_where = part.prompt, part.prompt_where
             if part.seed is not None:
                 seed = part.seed
+            if part.requirements is not None:
+                wanted = part.requirements
         if prompt_where is not None:  # a task's or a row's own prompt: its placeholders need values too
             missing = [n for n in _template_names(prompt_template or "", prompt_where) if n not in values]
             if missing:
@@ -467,11 +487,14 @@ def expand(mf: ManifestFile) -> Expansion:
         if negative != settings.negative_prompt:
             settings = RenderSettings(**{**settings.__dict__, "negative_prompt": negative})
         variant = tuple(sorted(values.items()))
+        needs = Requirements(
+            wanted.min_vram_gb if wanted.min_vram_gb is not None else estimate_vram_gb(mf.model, settings),
+            wanted.gpu_type, wanted.pool)
         for s in [seed] if seed is not None else seeds:
             expanded += 1
             task_id = compute_task_id(mf.model.identity, "t2v", prompt, settings, s)
             if task_id not in tasks:
-                tasks[task_id] = Task(task_id, prompt, s, mf.model, settings, variant, "t2v", source)
+                tasks[task_id] = Task(task_id, prompt, s, mf.model, settings, variant, "t2v", source, needs)
     return Expansion(list(tasks.values()), expanded)
 
 

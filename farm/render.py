@@ -39,16 +39,28 @@ class RendererInfo:
 @dataclass(frozen=True)
 class TestFaults:
     """Test-only fault injection: attempts of tasks whose prompt contains ``prompt_contains``
-    fail while their attempt number is ≤ ``fail_attempts``. Set by tests (or the
-    FARM_TEST_FAULTS environment variable, a JSON object of these fields); never by manifests."""
+    misbehave while their attempt number is ≤ ``fail_attempts``: ``action`` "raise" fails the
+    attempt, "exit" kills the renderer process, "hang" sleeps ``hang_s`` then fails (for
+    timeouts), "slow" sleeps ``hang_s`` then renders normally. Set by
+    tests (or the FARM_TEST_FAULTS environment variable, a JSON object of these fields); never by
+    manifests."""
 
     __test__ = False  # not a pytest test class
 
     prompt_contains: str
     fail_attempts: int = 1_000_000
+    action: str = "raise"
+    hang_s: float = 3600.0
 
-    def should_fail(self, task: Task, attempt: int) -> bool:
-        return self.prompt_contains in task.prompt and attempt <= self.fail_attempts
+    def apply(self, task: Task, attempt: int) -> None:
+        if self.prompt_contains not in task.prompt or attempt > self.fail_attempts:
+            return
+        if self.action == "exit":
+            os._exit(17)  # a renderer dying mid-task, as on OOM or node loss
+        if self.action in ("hang", "slow"):
+            time.sleep(self.hang_s)
+        if self.action != "slow":
+            raise RuntimeError(f"injected test fault (attempt {attempt})")
 
 
 def _ray_ids() -> tuple[str, str]:
@@ -69,7 +81,6 @@ class Renderer:
         model: ModelRef,
         device: str | None = None,
         threads: int | None = None,
-        test_faults: TestFaults | None = None,
     ) -> None:
         global _PIPELINE_LOADS
         import torch
@@ -78,7 +89,6 @@ class Renderer:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
-        self.test_faults = test_faults
         self.actor_id, self.node_id = _ray_ids()
         self._sinks: dict[OutputTarget, Sink] = {}
         self.pipeline = None
@@ -95,7 +105,7 @@ class Renderer:
         return RendererInfo(self.actor_id, self.node_id, self.device, self.model.identity, self.load_seconds,
                             _PIPELINE_LOADS, os.getpid(), self.load_error)
 
-    def render(self, task: Task, attempt: int, output: OutputTarget) -> Result:
+    def render(self, task: Task, attempt: int, output: OutputTarget, test_faults: TestFaults | None = None) -> Result:
         """Render one attempt. Never raises for a task's own failure: the error goes in the Result."""
         started = time.time()
         base = {"task_id": task.task_id, "attempt": attempt, "node_id": self.node_id, "actor_id": self.actor_id,
@@ -105,8 +115,8 @@ class Renderer:
                 raise RuntimeError(f"model not loaded: {self.load_error}")
             if task.model.identity != self.model.identity:
                 raise ValueError(f"task wants model {task.model.spec}, this renderer holds {self.model.spec}")
-            if self.test_faults and self.test_faults.should_fail(task, attempt):
-                raise RuntimeError(f"injected test fault (attempt {attempt})")
+            if test_faults:
+                test_faults.apply(task, attempt)
             t0 = time.perf_counter()
             frames = self._generate(task)
             t1 = time.perf_counter()

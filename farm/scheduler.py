@@ -1,7 +1,19 @@
-"""Dispatch decisions: which task goes to which renderer slot, when, and what a failure means.
+"""Dispatch decisions for every job on the cluster: which task goes to which renderer slot, when,
+and what a failure, a lost renderer or a cancel means.
 
-Pure: no Ray, no I/O, an injectable clock. The controller feeds it events (slots come and go,
-attempts finish) and carries out what it returns.
+Pure: no Ray, no I/O, an injectable clock. The controller feeds it events (pools and slots come
+and go, jobs arrive, attempts finish) and carries out what it returns.
+
+Policy, in order:
+- a job's tasks run only on slots of pools that fit them (pool name, GPU type, VRAM);
+- free slots are filled cheapest pool first;
+- the job with the highest priority goes first; jobs of equal priority share the slots by
+  in-flight count (fewest in flight first), so a small job is never starved behind a big one;
+- a failed attempt is retried after exponential backoff, up to the job's attempt limit;
+- a task interrupted by a lost renderer goes back to the queue without spending an attempt,
+  unless it has now been on ``max_interruptions`` renderers that died (a task that kills every
+  renderer it touches ends failed instead of sinking the pool);
+- a slot that fails ``bad_slot_limit`` attempts of a job is not given that job's tasks again.
 """
 
 from __future__ import annotations
@@ -9,19 +21,23 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from farm.config import IN_FLIGHT_PER_RENDERER, RETRY_BACKOFF_BASE_S, RETRY_BACKOFF_MAX_S
-from farm.task import Task
+from farm.task import Pool, Requirements, Task
+
+DEFAULT_MAX_INTERRUPTIONS = 3
+DEFAULT_BAD_SLOT_LIMIT = 3
 
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Send attempt ``attempt`` of ``task`` to ``slot``."""
+    """Send attempt ``attempt`` of ``task`` (of ``job_id``) to ``slot``."""
 
+    job_id: str
     task: Task
     attempt: int
     slot: str
@@ -31,14 +47,22 @@ class Outcome(StrEnum):
     DONE = "done"
     RETRY = "retry"
     FAILED = "failed"
+    REQUEUED = "requeued"  # interrupted: back in the queue, no attempt spent
+    DROPPED = "dropped"  # its job was cancelled
 
 
 @dataclass(frozen=True)
 class Decision:
+    job_id: str
     task_id: str
     outcome: Outcome
     reason: str
     retry_in_s: float = 0.0
+    task: Task | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.outcome in (Outcome.DONE, Outcome.FAILED, Outcome.DROPPED)
 
 
 @dataclass(frozen=True)
@@ -53,102 +77,276 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class JobLimits:
+    max_attempts: int = 3
+    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
+    bad_slot_limit: int = DEFAULT_BAD_SLOT_LIMIT
+
+
+@dataclass(frozen=True)
 class Progress:
     total: int
     succeeded: int
     failed: int
     in_flight: int
     queued: int
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.in_flight == 0 and (self.cancelled or self.queued == 0)
+
+
+@dataclass
+class _Job:
+    job_id: str
+    priority: int
+    seq: int
+    limits: JobLimits
+    total: int
+    model: str = ""  # model identity its tasks need; "" = any renderer
+    ready: dict[Requirements, deque[Task]] = field(default_factory=dict)
+    delayed: list = field(default_factory=list)  # heap of (due, tiebreak, task)
+    attempts: Counter = field(default_factory=Counter)
+    interruptions: Counter = field(default_factory=Counter)
+    slot_failures: Counter = field(default_factory=Counter)
+    banned_slots: set[str] = field(default_factory=set)
+    in_flight: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: bool = False
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.ready.values()) + len(self.delayed)
+
+    def push(self, task: Task, front: bool = False) -> None:
+        queue = self.ready.setdefault(task.needs, deque())
+        if front:
+            queue.appendleft(task)
+        else:
+            queue.append(task)
+
+
+@dataclass
+class _Slot:
+    pool: str
+    model: str = ""  # model identity the renderer holds; "" = any
+    in_flight: dict[tuple[str, str], Task] = field(default_factory=dict)  # (job_id, task_id) → task
 
 
 class Scheduler:
     def __init__(
         self,
-        tasks: Iterable[Task],
-        max_attempts: int,
         in_flight_per_slot: int = IN_FLIGHT_PER_RENDERER,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_attempts < 1 or in_flight_per_slot < 1:
-            raise ValueError("max_attempts and in_flight_per_slot must be at least 1")
-        self.max_attempts = max_attempts
+        if in_flight_per_slot < 1:
+            raise ValueError("in_flight_per_slot must be at least 1")
         self.in_flight_per_slot = in_flight_per_slot
         self.backoff = backoff or Backoff()
         self.clock = clock
-        self._ready: deque[Task] = deque(tasks)
-        self._total = len(self._ready)
-        self._delayed: list[tuple[float, int, Task]] = []  # (due, tiebreak, task)
+        self.pools: dict[str, Pool] = {}
+        self._slots: dict[str, _Slot] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._seq = itertools.count()
         self._tiebreak = itertools.count()
-        self._attempts: dict[str, int] = {}
-        self._slots: dict[str, dict[str, Task]] = {}  # slot → tasks in flight there
-        self._succeeded = 0
-        self._failed = 0
+        self.decisions: list[Decision] = []
 
-    # --- slots
-    def add_slot(self, slot: str) -> None:
-        self._slots.setdefault(slot, {})
+    # --- pools and slots
+    def add_pool(self, pool: Pool) -> None:
+        self.pools[pool.name] = pool
 
-    def remove_slot(self, slot: str) -> list[Task]:
-        """Forget a slot; its in-flight tasks go back to the front of the queue. Their interrupted
-        attempts do not count against the retry limit."""
-        lost = list(self._slots.pop(slot, {}).values())
-        for task in reversed(lost):
-            self._attempts[task.task_id] -= 1
-            self._ready.appendleft(task)
-        return lost
+    def routes(self, needs: Requirements) -> list[Pool]:
+        """Pools that fit, cheapest first."""
+        return sorted((p for p in self.pools.values() if p.fits(needs)), key=lambda p: (p.cost_per_hour, p.name))
 
-    @property
-    def slots(self) -> list[str]:
-        return list(self._slots)
+    def add_slot(self, slot: str, pool: str, model: str = "") -> None:
+        if pool not in self.pools:
+            raise ValueError(f"unknown pool {pool!r}")
+        self._slots.setdefault(slot, _Slot(pool, model))
+
+    def remove_slot(self, slot: str, reason: str = "renderer lost") -> list[Decision]:
+        """A slot's renderer died: its tasks go back to their queues as interrupted, except a task
+        that has now been interrupted ``max_interruptions`` times, which fails."""
+        lost = self._slots.pop(slot, None)
+        if lost is None:
+            return []
+        decisions = []
+        for (job_id, task_id), task in lost.in_flight.items():
+            job = self._jobs[job_id]
+            job.in_flight -= 1
+            job.attempts[task_id] -= 1  # an interrupted attempt is not spent
+            if job.cancelled:
+                decisions.append(Decision(job_id, task_id, Outcome.DROPPED, "job cancelled", task=task))
+                continue
+            job.interruptions[task_id] += 1
+            if job.interruptions[task_id] >= job.limits.max_interruptions:
+                job.failed += 1
+                decisions.append(Decision(job_id, task_id, Outcome.FAILED,
+                                          f"{job.interruptions[task_id]} renderers died running it; last: {reason}",
+                                          task=task))
+            else:
+                job.push(task, front=True)
+                decisions.append(Decision(job_id, task_id, Outcome.REQUEUED, reason, task=task))
+        return decisions
+
+    def slot_pool(self, slot: str) -> str | None:
+        s = self._slots.get(slot)
+        return s.pool if s else None
+
+    def slots(self) -> dict[str, str]:
+        return {name: s.pool for name, s in self._slots.items()}
+
+    def slot_load(self, slot: str) -> list[tuple[str, str]]:
+        s = self._slots.get(slot)
+        return list(s.in_flight) if s else []
+
+    # --- jobs
+    def add_job(
+        self, job_id: str, tasks: Iterable[Task], priority: int = 0, limits: JobLimits | None = None, model: str = ""
+    ) -> None:
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id} already scheduled")
+        job = _Job(job_id, priority, next(self._seq), limits or JobLimits(), 0, model)
+        for task in tasks:
+            job.push(task)
+            job.total += 1
+        self._jobs[job_id] = job
+
+    def cancel(self, job_id: str) -> list[tuple[str, str]]:
+        """Stop dispatching a job. Returns its in-flight (slot, task_id) pairs for the caller to stop."""
+        job = self._jobs[job_id]
+        job.cancelled = True
+        job.ready.clear()
+        job.delayed.clear()
+        return [(name, task_id) for name, s in self._slots.items() for (j, task_id) in s.in_flight if j == job_id]
+
+    def forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    def jobs(self) -> list[str]:
+        return list(self._jobs)
+
+    def has_job(self, job_id: str) -> bool:
+        return job_id in self._jobs
 
     # --- dispatch
     def next_dispatches(self) -> list[Dispatch]:
-        """Fill every slot up to its in-flight bound, least-loaded slot first."""
+        """Fill free slots: cheapest pool first, least-loaded slot first, one task per slot per
+        round so work spreads over every renderer."""
         self._release_due()
+        self._fail_jobs_with_only_banned_slots()
         out: list[Dispatch] = []
-        while self._ready:
-            open_slots = [s for s, busy in self._slots.items() if len(busy) < self.in_flight_per_slot]
-            if not open_slots:
-                break
-            slot = min(open_slots, key=lambda s: len(self._slots[s]))
-            task = self._ready.popleft()
-            attempt = self._attempts.get(task.task_id, 0) + 1
-            self._attempts[task.task_id] = attempt
-            self._slots[slot][task.task_id] = task
-            out.append(Dispatch(task, attempt, slot))
+        while True:
+            free = [(self.pools[s.pool].cost_per_hour, len(s.in_flight), name) for name, s in self._slots.items()
+                    if len(s.in_flight) < self.in_flight_per_slot]
+            progressed = False
+            for _, _, name in sorted(free):
+                dispatch = self._take(name)
+                if dispatch:
+                    out.append(dispatch)
+                    progressed = True
+            if not progressed:
+                return out
+
+    def _take(self, slot_name: str) -> Dispatch | None:
+        slot = self._slots[slot_name]
+        pool = self.pools[slot.pool]
+        candidates = [j for j in self._jobs.values() if not j.cancelled and slot_name not in j.banned_slots
+                      and (not slot.model or not j.model or slot.model == j.model)
+                      and any(q for needs, q in j.ready.items() if pool.fits(needs))]
+        if not candidates:
+            return None
+        job = min(candidates, key=lambda j: (-j.priority, j.in_flight, j.seq))
+        queue = next(q for needs, q in job.ready.items() if q and pool.fits(needs))
+        task = queue.popleft()
+        job.attempts[task.task_id] += 1
+        job.in_flight += 1
+        slot.in_flight[(job.job_id, task.task_id)] = task
+        return Dispatch(job.job_id, task, job.attempts[task.task_id], slot_name)
+
+    def _fail_jobs_with_only_banned_slots(self) -> None:
+        for job in self._jobs.values():
+            if job.cancelled or not job.banned_slots or not job.queued():
+                continue
+            fitting = [n for n, s in self._slots.items() if any(self.pools[s.pool].fits(nd) for nd in job.ready)
+                       and (not s.model or not job.model or s.model == job.model)]
+            if fitting and all(n in job.banned_slots for n in fitting) and job.in_flight == 0:
+                for queue in job.ready.values():
+                    for task in queue:
+                        job.failed += 1
+                        self.decisions.append(Decision(job.job_id, task.task_id, Outcome.FAILED,
+                                                       "every renderer that fits was taken out of this job "
+                                                       "after repeated failures", task=task))
+                job.ready.clear()
+
+    def drain_decisions(self) -> list[Decision]:
+        """Decisions the scheduler took on its own (not in answer to an event)."""
+        out, self.decisions = self.decisions, []
         return out
 
     def _release_due(self) -> None:
         now = self.clock()
-        while self._delayed and self._delayed[0][0] <= now:
-            self._ready.append(heapq.heappop(self._delayed)[2])
+        for job in self._jobs.values():
+            while job.delayed and job.delayed[0][0] <= now:
+                job.push(heapq.heappop(job.delayed)[2])
 
     def seconds_until_next_retry(self) -> float | None:
-        if not self._delayed:
-            return None
-        return max(0.0, self._delayed[0][0] - self.clock())
+        dues = [j.delayed[0][0] for j in self._jobs.values() if j.delayed]
+        return max(0.0, min(dues) - self.clock()) if dues else None
 
     # --- results
-    def record(self, slot: str, task: Task, succeeded: bool, error: str = "") -> Decision:
-        self._slots.get(slot, {}).pop(task.task_id, None)
-        attempt = self._attempts.get(task.task_id, 1)
+    def record(self, slot: str, job_id: str, task_id: str, succeeded: bool, error: str = "") -> Decision:
+        """An attempt finished on ``slot`` (a failure includes a timeout)."""
+        job = self._jobs[job_id]
+        s = self._slots.get(slot)
+        task = s.in_flight.pop((job_id, task_id), None) if s else None
+        if task is None:  # already written off with its slot
+            return Decision(job_id, task_id, Outcome.DROPPED, "slot already removed")
+        job.in_flight -= 1
+        attempt = job.attempts[task_id]
         if succeeded:
-            self._succeeded += 1
-            return Decision(task.task_id, Outcome.DONE, "succeeded")
-        if attempt < self.max_attempts:
+            job.succeeded += 1
+            return Decision(job_id, task_id, Outcome.DONE, "succeeded")
+        if job.cancelled:
+            return Decision(job_id, task_id, Outcome.DROPPED, "job cancelled")
+        job.slot_failures[slot] += 1
+        if job.slot_failures[slot] >= job.limits.bad_slot_limit:
+            job.banned_slots.add(slot)
+        if attempt < job.limits.max_attempts:
             delay = self.backoff.delay(attempt)
-            heapq.heappush(self._delayed, (self.clock() + delay, next(self._tiebreak), task))
-            return Decision(task.task_id, Outcome.RETRY, error or "failed", delay)
-        self._failed += 1
-        return Decision(task.task_id, Outcome.FAILED, f"{attempt} attempts failed; last: {error or 'failed'}")
+            heapq.heappush(job.delayed, (self.clock() + delay, next(self._tiebreak), task))
+            return Decision(job_id, task_id, Outcome.RETRY, error or "failed", delay)
+        job.failed += 1
+        return Decision(job_id, task_id, Outcome.FAILED, f"{attempt} attempts failed; last: {error or 'failed'}")
 
     # --- state
-    @property
-    def finished(self) -> bool:
-        return not self._ready and not self._delayed and not any(self._slots.values())
+    def progress(self, job_id: str) -> Progress:
+        j = self._jobs[job_id]
+        return Progress(j.total, j.succeeded, j.failed, j.in_flight, j.queued(), j.cancelled)
 
-    def progress(self) -> Progress:
-        in_flight = sum(len(v) for v in self._slots.values())
-        return Progress(self._total, self._succeeded, self._failed, in_flight,
-                        len(self._ready) + len(self._delayed))
+    def banned_slots(self, job_id: str) -> set[str]:
+        return set(self._jobs[job_id].banned_slots)
+
+    def waiting_without_pool(self, job_id: str) -> int:
+        """Queued tasks that no current pool can take (they wait for one to join)."""
+        job = self._jobs[job_id]
+        return sum(len(q) for needs, q in job.ready.items() if not any(p.fits(needs) for p in self.pools.values()))
+
+    def demand(self) -> list[tuple[str, int, list[Requirements], int]]:
+        """(model, priority, requirement groups, queued tasks) of every job with queued work: what
+        renderers the controller should have running."""
+        out = []
+        for j in sorted(self._jobs.values(), key=lambda j: (-j.priority, j.seq)):
+            queued = sum(len(q) for q in j.ready.values())
+            if queued and not j.cancelled:
+                out.append((j.model, j.priority, [n for n, q in j.ready.items() if q], queued))
+        return out
+
+    def slot_models(self) -> dict[str, str]:
+        return {name: s.model for name, s in self._slots.items()}
+
+    @property
+    def idle(self) -> bool:
+        return all(self.progress(j).finished for j in self._jobs)

@@ -17,6 +17,8 @@ class AttemptStatus(StrEnum):
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # its renderer died or was stopped; the task goes back to the queue
+    CANCELLED = "cancelled"  # its job was cancelled while it ran
 
 
 class TaskStatus(StrEnum):
@@ -25,6 +27,7 @@ class TaskStatus(StrEnum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,33 @@ class RenderSettings:
 
 
 @dataclass(frozen=True)
+class Requirements:
+    """What a task needs from a renderer's pool. Empty: any pool."""
+
+    min_vram_gb: float = 0.0
+    gpu_type: str | None = None
+    pool: str | None = None
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A group of interchangeable renderer slots, as the cluster's nodes advertise it.
+    ``vram_gb`` None means no GPU memory limit applies (CPU renderers)."""
+
+    name: str
+    gpu_type: str | None = None
+    vram_gb: float | None = None
+    cost_per_hour: float = 0.0
+
+    def fits(self, needs: Requirements) -> bool:
+        if needs.pool and needs.pool != self.name:
+            return False
+        if needs.gpu_type and (self.gpu_type or "").lower() != needs.gpu_type.lower():
+            return False
+        return self.vram_gb is None or needs.min_vram_gb <= self.vram_gb
+
+
+@dataclass(frozen=True)
 class Task:
     """One clip to render. Same pixel-changing inputs give the same ``task_id``."""
 
@@ -65,6 +95,7 @@ class Task:
     variant: tuple[tuple[str, str], ...] = ()
     mode: str = "t2v"
     source: str = ""  # where in the manifest it came from, for error messages
+    needs: Requirements = Requirements()  # routing only: not part of the task id
 
     @property
     def variant_dict(self) -> dict[str, str]:

@@ -38,7 +38,7 @@ def write_manifest(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server):
+def ray_session(s3_server):
     """One local Ray for the session's integration tests (token auth on, as Ray ≥ 2.59 does).
 
     Ray workers inherit the environment at ray.init, so the S3 server's endpoint and credentials
@@ -77,3 +77,22 @@ def s3(s3_server, monkeypatch):
     s3_server.client().create_bucket(Bucket=bucket)
     s3_server.bucket = bucket
     return s3_server
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """The session's Ray, with no farm controller left from an earlier test (each test has its own
+    catalog; a controller serves one)."""
+    yield ray_session
+    stop_controller(ray_session)
+
+
+def stop_controller(ray) -> None:
+    from farm.controller import CONTROLLER_NAME, NAMESPACE
+
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return
+    ray.get(controller.shutdown.remote(), timeout=60)
+    ray.kill(controller, no_restart=True)

@@ -125,9 +125,14 @@ def _count(folder: Path, pattern: str) -> int:
 def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, write_manifest, how):
     manifest = write_manifest(JOB)
     outputs = farm_home / "outputs" / "cli"
-    # Rows reach the catalog in batches of 4: at the kill some finished clips are catalogued and
-    # some exist only in the output folder, to be adopted from their commit markers.
-    env = {**os.environ, "FARM_CATALOG_BATCH_ROWS": "4", "FARM_CATALOG_BATCH_SECONDS": "3600"}
+    # Ctrl-C: rows go in batches of 4 and the rest is flushed on the way out. kill -9: no batch is
+    # ever written before the kill, so every finished clip exists only in the output folder and
+    # must be adopted from its commit marker.
+    batch = "4" if how == "sigint" else "1000"
+    # Each clip takes 0.3 s more, so the job is still running whatever the interruption's timing.
+    slow = json.dumps({"prompt_contains": "clip", "action": "slow", "hang_s": 0.3})
+    env = {**os.environ, "FARM_CATALOG_BATCH_ROWS": batch, "FARM_CATALOG_BATCH_SECONDS": "3600",
+           "FARM_TEST_FAULTS": slow}
     process = subprocess.Popen([*FARM, "submit", str(manifest), "--workers", "1"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -146,6 +151,7 @@ def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, wri
                        if (outputs / p.name.replace(".mp4", ".json")).exists()}
     assert 0 < len(finished_before) < 24
 
+    env.pop("FARM_TEST_FAULTS")
     resumed = subprocess.run([*FARM, "submit", str(manifest), "--workers", "2", "--format", "json"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -1,16 +1,21 @@
-"""The pure scheduler: bounded in-flight work, retries with backoff, requeue on lost renderers."""
+"""The pure scheduler: routing to pools, priorities and fair sharing across jobs, bounded
+in-flight work, retries with backoff, lost renderers, poison tasks, bad slots, cancel."""
 
 from __future__ import annotations
 
-from farm.scheduler import Backoff, Outcome, Scheduler
-from farm.task import ModelRef, RenderSettings, Task
+from collections import Counter
+from collections.abc import Callable
+
+from farm.scheduler import Backoff, JobLimits, Outcome, Scheduler
+from farm.task import ModelRef, Pool, RenderSettings, Requirements, Task
 
 MODEL = ModelRef("tiny", "builtin", "/m", "builtin:test", "WanPipeline")
 SETTINGS = RenderSettings(64, 64, 9, 8, 4, 5.0)
+CPU = Pool("cpu")
 
 
-def make_tasks(n: int) -> list[Task]:
-    return [Task(f"t{i:03d}", f"prompt {i}", i, MODEL, SETTINGS) for i in range(n)]
+def make_tasks(n: int, prefix: str = "t", needs: Requirements = Requirements()) -> list[Task]:
+    return [Task(f"{prefix}{i:03d}", f"prompt {i}", i, MODEL, SETTINGS, needs=needs) for i in range(n)]
 
 
 class FakeClock:
@@ -21,62 +26,122 @@ class FakeClock:
         return self.now
 
 
+def scheduler_with(slots: dict[str, Pool], **kw) -> Scheduler:
+    s = Scheduler(**kw)
+    for slot, pool in slots.items():
+        s.add_pool(pool)
+        s.add_slot(slot, pool.name)
+    return s
+
+
+def run_to_end(s: Scheduler, fail: Callable | None = None) -> list:
+    log = []
+    while not s.idle:
+        dispatches = s.next_dispatches()
+        assert dispatches, "stuck"
+        for d in dispatches:
+            log.append(d)
+            s.record(d.slot, d.job_id, d.task.task_id, succeeded=not (fail and fail(d)))
+    return log
+
+
 def test_never_more_than_the_bound_in_flight_per_slot_and_every_slot_kept_busy():
-    s = Scheduler(make_tasks(20), max_attempts=1, in_flight_per_slot=2)
-    for slot in ("a", "b", "c"):
-        s.add_slot(slot)
+    s = scheduler_with({"a": CPU, "b": CPU, "c": CPU}, in_flight_per_slot=2)
+    s.add_job("j", make_tasks(20), limits=JobLimits(max_attempts=1))
     first = s.next_dispatches()
-    assert len(first) == 6
-    assert {slot: sum(d.slot == slot for d in first) for slot in "abc"} == {"a": 2, "b": 2, "c": 2}
-    assert s.next_dispatches() == []  # full: nothing more until something finishes
-    s.record("b", first[1].task, succeeded=True)
-    again = s.next_dispatches()
-    assert [d.slot for d in again] == ["b"]
-    assert s.progress().in_flight == 6 and s.progress().queued == 13
+    assert len(first) == 6 and Counter(d.slot for d in first) == {"a": 2, "b": 2, "c": 2}
+    assert s.next_dispatches() == []
+    s.record("b", "j", first[1].task.task_id, succeeded=True)
+    assert [d.slot for d in s.next_dispatches()] == ["b"]
+    assert s.progress("j").in_flight == 6 and s.progress("j").queued == 13
 
 
-def test_all_tasks_dispatched_once_when_all_succeed():
-    s = Scheduler(make_tasks(7), max_attempts=3)
-    s.add_slot("a")
-    seen = []
-    while not s.finished:
-        for d in s.next_dispatches():
-            seen.append((d.task.task_id, d.attempt))
-            s.record(d.slot, d.task, succeeded=True)
-    assert sorted(seen) == [(f"t{i:03d}", 1) for i in range(7)]
-    assert s.progress().succeeded == 7
+def test_tasks_go_only_to_pools_that_fit_and_cheapest_first():
+    small = Pool("small", "L4", 24, cost_per_hour=0.8)
+    big = Pool("big", "H100", 80, cost_per_hour=4.0)
+    s = scheduler_with({"s1": small, "b1": big}, in_flight_per_slot=1)
+    s.add_job("j", make_tasks(2, "light") + make_tasks(2, "heavy", Requirements(min_vram_gb=40)))
+    assert [p.name for p in s.routes(Requirements(min_vram_gb=40))] == ["big"]
+    assert [p.name for p in s.routes(Requirements())] == ["small", "big"]
+    assert s.routes(Requirements(min_vram_gb=100)) == [] and s.routes(Requirements(gpu_type="A100")) == []
+    log = run_to_end(s)
+    assert all(d.slot == "b1" for d in log if d.task.task_id.startswith("heavy"))
+    assert log[0].slot == "s1" and log[0].task.task_id.startswith("light")  # cheap pool filled first
+
+
+def test_higher_priority_first_and_equal_priorities_share_fairly():
+    s = scheduler_with({f"s{i}": CPU for i in range(4)}, in_flight_per_slot=1)
+    s.add_job("big", make_tasks(1000, "big"))
+    s.add_job("small", make_tasks(4, "small"))
+    first = s.next_dispatches()
+    assert Counter(d.job_id for d in first) == {"big": 2, "small": 2}  # not starved behind 1,000 tasks
+    s.add_job("urgent", make_tasks(3, "urgent"), priority=10)
+    for d in first:
+        s.record(d.slot, d.job_id, d.task.task_id, succeeded=True)
+    second = s.next_dispatches()
+    assert Counter(d.job_id for d in second)["urgent"] == 3
 
 
 def test_failures_retry_after_backoff_then_fail_final():
     clock = FakeClock()
-    s = Scheduler(make_tasks(1), max_attempts=3, backoff=Backoff(base_s=1.0, max_s=10.0), clock=clock)
-    s.add_slot("a")
+    s = scheduler_with({"a": CPU}, backoff=Backoff(base_s=1.0, max_s=10.0), clock=clock)
+    s.add_job("j", make_tasks(1), limits=JobLimits(max_attempts=3, bad_slot_limit=10))
     (d,) = s.next_dispatches()
-    decision = s.record("a", d.task, succeeded=False, error="boom")
+    decision = s.record("a", "j", d.task.task_id, succeeded=False, error="boom")
     assert decision.outcome is Outcome.RETRY and decision.retry_in_s == 1.0
-    assert s.next_dispatches() == [] and not s.finished  # waiting out the backoff
+    assert s.next_dispatches() == [] and not s.idle
     clock.now = 1.0
     (d2,) = s.next_dispatches()
-    assert d2.attempt == 2
-    assert s.record("a", d2.task, succeeded=False, error="boom").retry_in_s == 2.0
+    assert d2.attempt == 2 and s.record("a", "j", d2.task.task_id, False, "boom").retry_in_s == 2.0
     clock.now = 3.0
     (d3,) = s.next_dispatches()
-    final = s.record("a", d3.task, succeeded=False, error="boom")
+    final = s.record("a", "j", d3.task.task_id, succeeded=False, error="boom")
     assert final.outcome is Outcome.FAILED and "3 attempts failed; last: boom" in final.reason
-    assert s.finished and s.progress().failed == 1
+    assert s.idle and s.progress("j").failed == 1
 
 
-def test_a_lost_slot_requeues_its_tasks_without_spending_attempts():
-    s = Scheduler(make_tasks(3), max_attempts=1)
-    s.add_slot("a")
-    s.add_slot("b")
-    dispatched = s.next_dispatches()
-    on_a = [d.task.task_id for d in dispatched if d.slot == "a"]
-    lost = s.remove_slot("a")
-    assert sorted(t.task_id for t in lost) == sorted(on_a)
-    redo = s.next_dispatches()
-    assert {d.slot for d in redo} == {"b"}
-    assert all(d.attempt == 1 for d in redo)
+def test_lost_slot_requeues_without_spending_attempts_and_a_poison_task_fails():
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=1)
+    s.add_job("j", make_tasks(2), limits=JobLimits(max_attempts=1, max_interruptions=2))
+    dispatched = {d.slot: d for d in s.next_dispatches()}
+    (decision,) = s.remove_slot("a", "node lost")
+    assert decision.outcome is Outcome.REQUEUED
+    s.add_slot("a2", "cpu")
+    again = [d for d in s.next_dispatches() if d.task == dispatched["a"].task]
+    assert again and again[0].attempt == 1  # the interrupted attempt was not spent
+    (poison,) = s.remove_slot(again[0].slot, "OOM")
+    assert poison.outcome is Outcome.FAILED and "2 renderers died running it; last: OOM" in poison.reason
+
+
+def test_a_slot_that_keeps_failing_a_job_is_taken_out_of_it():
+    s = scheduler_with({"bad": CPU, "good": CPU}, in_flight_per_slot=1, backoff=Backoff(0, 0))
+    s.add_job("j", make_tasks(10), limits=JobLimits(max_attempts=5, bad_slot_limit=2))
+    log = run_to_end(s, fail=lambda d: d.slot == "bad")
+    assert sum(d.slot == "bad" for d in log) == 2
+    assert s.progress("j").succeeded == 10 and s.banned_slots("j") == {"bad"}
+
+
+def test_when_every_slot_is_taken_out_the_rest_of_the_job_fails_instead_of_hanging():
+    s = scheduler_with({"only": CPU}, in_flight_per_slot=1, backoff=Backoff(0, 0))
+    s.add_job("j", make_tasks(3), limits=JobLimits(max_attempts=5, bad_slot_limit=2))
+    for _ in range(2):
+        (d,) = s.next_dispatches()
+        s.record("only", "j", d.task.task_id, succeeded=False, error="bad GPU")
+    assert s.next_dispatches() == []
+    drained = s.drain_decisions()
+    assert len(drained) == 3 and all(d.outcome is Outcome.FAILED for d in drained)
+    assert s.idle and s.progress("j").failed == 3
+
+
+def test_cancel_stops_dispatch_and_reports_in_flight_work():
+    s = scheduler_with({"a": CPU}, in_flight_per_slot=2)
+    s.add_job("j", make_tasks(5))
+    running = s.next_dispatches()
+    assert sorted(s.cancel("j")) == sorted(("a", d.task.task_id) for d in running)
+    assert s.next_dispatches() == []
+    for d in running:
+        assert s.record("a", "j", d.task.task_id, succeeded=False).outcome is Outcome.DROPPED
+    assert s.idle and s.progress("j").cancelled
 
 
 def test_backoff_is_capped():

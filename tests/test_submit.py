@@ -43,15 +43,16 @@ def test_job_renders_every_clip_once_per_task_with_one_model_load_per_renderer(r
     assert outcome.run is not None
     assert (outcome.run.succeeded, outcome.run.failed, outcome.run.attempts) == (6, 0, 6)
 
-    # Two renderers, each in its own process, each loaded the model exactly once.
-    assert len(outcome.renderers) == 2
-    assert len({r.pid for r in outcome.renderers}) == 2
-    assert all(r.pipeline_loads == 1 for r in outcome.renderers)
+    # At most two renderers (two slots); each that came up has its own process and loaded the model
+    # exactly once, however many clips it rendered.
+    ready = [r for r in outcome.renderers if r["ready"]]
+    assert 1 <= len(ready) <= len(outcome.renderers) <= 2
+    assert len({r["pid"] for r in ready}) == len(ready) and all(r["loads"] == 1 for r in ready)
 
     rows = attempts_table(farm_home).to_pylist()
     assert len(rows) == 6 and {r["status"] for r in rows} == {"succeeded"}
     assert {r["job_id"] for r in rows} == {outcome.job_id}
-    assert {r["actor_id"] for r in rows} == {r.actor_id for r in outcome.renderers}
+    assert {r["actor_id"] for r in rows} <= {r["actor_id"] for r in outcome.renderers}
     for row in rows:
         video = Path(row["output_uri"])
         assert video.parent == Path(outcome.output)

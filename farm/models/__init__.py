@@ -7,8 +7,9 @@ fast; ``load_pipeline`` is where torch and diffusers are imported.
 from farm.models.registry import (
     ModelConstraints,
     constraints_for,
+    estimate_vram_gb,
     load_pipeline,
     resolve_model,
 )
 
-__all__ = ["ModelConstraints", "constraints_for", "load_pipeline", "resolve_model"]
+__all__ = ["ModelConstraints", "constraints_for", "estimate_vram_gb", "load_pipeline", "resolve_model"]

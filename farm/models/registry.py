@@ -164,6 +164,19 @@ def _wan_constraints(path: Path) -> ModelConstraints:
     )
 
 
+def estimate_vram_gb(model: ModelRef, settings) -> float:
+    """A rough GPU-memory need for a clip, for routing when the manifest states none: the
+    weights (as bf16) plus activations that grow with width × height × frames."""
+    if model.kind == "builtin":
+        return 0.0
+    weights_gb = 0.0
+    if model.kind == "local":
+        total = sum(p.stat().st_size for p in Path(model.location).rglob("*.safetensors"))
+        weights_gb = total / 2**30
+    pixels_frames = settings.width * settings.height * settings.frames
+    return round(weights_gb + 2.0 + pixels_frames * 2.5e-7, 1)
+
+
 def _hub_reachable() -> bool:
     try:
         with socket.create_connection((HUB_HOST, 443), timeout=HUB_CONNECT_TIMEOUT_S):
