@@ -405,7 +405,7 @@ class Controller:
         if result is None:  # a decision without an attempt result: interrupted, poison task, stuck job
             status = {Outcome.FAILED: AttemptStatus.FAILED, Outcome.DROPPED: AttemptStatus.CANCELLED}.get(
                 decision.outcome, AttemptStatus.INTERRUPTED)
-            result = Result(decision.task_id, d.attempt if d else 0, status, error=decision.reason,
+            result = Result(decision.task_id, d.attempt if d else decision.attempt, status, error=decision.reason,
                             started_at=time.time(), finished_at=time.time())
         elif decision.outcome is Outcome.DROPPED and not result.succeeded:
             result = replace(result, status=AttemptStatus.CANCELLED)

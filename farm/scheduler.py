@@ -59,6 +59,7 @@ class Decision:
     reason: str
     retry_in_s: float = 0.0
     task: Task | None = None
+    attempt: int = 0  # the task's last attempt number (for decisions made without a result)
 
     @property
     def final(self) -> bool:
@@ -111,6 +112,7 @@ class _Job:
     interruptions: Counter = field(default_factory=Counter)
     slot_failures: Counter = field(default_factory=Counter)
     banned_slots: set[str] = field(default_factory=set)
+    last_error: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -276,9 +278,11 @@ class Scheduler:
                 for queue in job.ready.values():
                     for task in queue:
                         job.failed += 1
-                        self.decisions.append(Decision(job.job_id, task.task_id, Outcome.FAILED,
-                                                       "every renderer that fits was taken out of this job "
-                                                       "after repeated failures", task=task))
+                        last = job.last_error.get(task.task_id) or next(iter(job.last_error.values()), "")
+                        self.decisions.append(Decision(
+                            job.job_id, task.task_id, Outcome.FAILED,
+                            f"every renderer that fits was taken out of this job after repeated failures; "
+                            f"last: {last}", task=task, attempt=job.attempts[task.task_id]))
                 job.ready.clear()
 
     def drain_decisions(self) -> list[Decision]:
@@ -311,6 +315,7 @@ class Scheduler:
             return Decision(job_id, task_id, Outcome.DONE, "succeeded")
         if job.cancelled:
             return Decision(job_id, task_id, Outcome.DROPPED, "job cancelled")
+        job.last_error[task_id] = error
         job.slot_failures[slot] += 1
         if job.slot_failures[slot] >= job.limits.bad_slot_limit:
             job.banned_slots.add(slot)
