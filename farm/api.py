@@ -182,7 +182,7 @@ def submit(
         started = time.monotonic()
         try:
             progress = ray.get(controller.submit.remote(job_id, test_faults))
-            while progress.state == "running":
+            while progress.state in ("running", "cancelling"):
                 if on_progress:
                     on_progress(progress)
                 time.sleep(_POLL_S)

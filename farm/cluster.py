@@ -75,16 +75,17 @@ def _check_reachable(address: str) -> None:
 
 
 def disconnect(info: ClusterInfo) -> None:
+    """Stop the embedded Ray farm started; leave a cluster farm only joined (or a caller's own) alone."""
     import ray
 
-    if ray.is_initialized():
+    if info.embedded and ray.is_initialized():
         ray.shutdown()
 
 
 POOL_RESOURCE = "farm_pool:"  # farm_pool:<name> = renderer slots the node offers to that pool
 GPU_TYPE_RESOURCE = "farm_gpu:"  # farm_gpu:<type> = 1
 VRAM_RESOURCE = "farm_vram_gb"  # GPU memory of each of the node's GPUs
-COST_RESOURCE = "farm_cost_per_hour"  # what one of the node's renderer slots costs an hour
+COST_RESOURCE = "farm_cost_cents_per_hour"  # what one renderer slot costs an hour (Ray wants whole numbers)
 LOCAL_POOL = "local"
 
 
@@ -99,7 +100,7 @@ class PoolCapacity:
 def discover_pools(nodes: list[dict] | None = None) -> list[PoolCapacity]:
     """Pools from the alive nodes' resources. A node joins pool P by offering ``farm_pool:P``
     (e.g. ``ray start --resources '{"farm_pool:l4": 2, "farm_gpu:L4": 1, "farm_vram_gb": 24,
-    "farm_cost_per_hour": 0.8}'``). A cluster without such resources is one pool, ``local``:
+    "farm_cost_cents_per_hour": 80}'``). A cluster without such resources is one pool, ``local``:
     one slot per GPU, or per CPU core without GPUs."""
     import ray
 
@@ -114,7 +115,7 @@ def discover_pools(nodes: list[dict] | None = None) -> list[PoolCapacity]:
             gpu_type = next((k[len(GPU_TYPE_RESOURCE):] for k in resources if k.startswith(GPU_TYPE_RESOURCE)), None)
             entry = pools.setdefault(name, {"slots": 0, "nodes": [], "gpu_type": gpu_type,
                                             "vram": resources.get(VRAM_RESOURCE),
-                                            "cost": resources.get(COST_RESOURCE, 0.0),
+                                            "cost": resources.get(COST_RESOURCE, 0.0) / 100,
                                             "gpus": resources.get("GPU", 0.0)})
             entry["slots"] += int(count)
             entry["nodes"].append(node["NodeID"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -32,6 +33,7 @@ from farm.storage import OutputTarget, StorageOptions, open_sink
 from farm.task import AttemptStatus, ModelRef, Result, Task
 
 CONTROLLER_NAME = "farm-controller"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 NAMESPACE = "farm"
 _WAIT_S = 0.2  # longest a loop turn blocks waiting for results
 _POOL_REFRESH_S = 2.0  # how often the cluster's nodes are read for pools
@@ -50,7 +52,7 @@ class JobProgress:
     in_flight: int
     queued: int
     waiting_for_pool: int
-    state: str  # running | finished | cancelled
+    state: str  # running | cancelling | finished | cancelled
     elapsed_s: float
     eta_s: float | None
     renderers: int
@@ -139,7 +141,8 @@ class Controller:
 
     # ------------------------------------------------------------------ API (remote calls)
     def ping(self) -> dict:
-        return {"catalog": self.catalog.location, "jobs": list(self.jobs), "restored": self.restored}
+        return {"catalog": self.catalog.location, "jobs": list(self.jobs), "restored": self.restored,
+                "pid": os.getpid(), "session": self.session}
 
     def submit(self, job_id: str, test_faults=None) -> JobProgress:
         """Take a job the client has written to the catalog. Submitting the same job twice is harmless.
@@ -243,7 +246,10 @@ class Controller:
         finished = p.succeeded + p.failed
         remaining = p.total - finished
         eta = elapsed / finished * remaining if finished else None
-        state = "cancelled" if p.cancelled else ("finished" if p.finished else "running")
+        if p.cancelled:
+            state = "cancelled" if p.finished else "cancelling"
+        else:
+            state = "finished" if p.finished else "running"
         renderers = sum(1 for r in self.renderers.values() if r.model.identity == job.model.identity and r.ready)
         return JobProgress(job_id, p.total + job.skipped, p.succeeded + job.skipped, p.failed, p.in_flight,
                            p.queued, self.scheduler.waiting_without_pool(job_id), state, elapsed, eta, renderers)
@@ -376,6 +382,16 @@ class Controller:
         from ray.exceptions import RayActorError, RayTaskError
 
         slot, d = self.in_flight.pop(ref)
+        try:
+            result: Result = ray.get(ref)
+        except RayActorError as exc:
+            # Still in the renderer's queue: _renderer_lost sees whether it was the one running.
+            self._renderer_lost(slot, str(exc).splitlines()[0] if str(exc) else "renderer died")
+            return
+        except RayTaskError as exc:
+            result = Result(d.task.task_id, d.attempt, AttemptStatus.FAILED,
+                            error=str(exc).strip().splitlines()[-1][:2000], started_at=time.time(),
+                            finished_at=time.time())
         renderer = self.renderers.get(slot)
         if renderer is not None:
             if renderer.queue and renderer.queue[0][0] == ref:
@@ -383,15 +399,6 @@ class Controller:
                 renderer.head_started = time.monotonic()
             else:
                 renderer.queue = deque(item for item in renderer.queue if item[0] != ref)
-        try:
-            result: Result = ray.get(ref)
-        except RayActorError as exc:
-            self._renderer_lost(slot, str(exc).splitlines()[0] if str(exc) else "renderer died")
-            return
-        except RayTaskError as exc:
-            result = Result(d.task.task_id, d.attempt, AttemptStatus.FAILED,
-                            error=str(exc).strip().splitlines()[-1][:2000], started_at=time.time(),
-                            finished_at=time.time())
         decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error)
         self._apply(decision, d, result)
 
@@ -417,7 +424,8 @@ class Controller:
         for ref, _ in queued:
             self.in_flight.pop(ref, None)
         dispatches = {(d.job_id, d.task.task_id): d for _, d in queued}
-        for decision in self.scheduler.remove_slot(slot, reason):
+        running = queued[0][1].task.task_id if queued else None
+        for decision in self.scheduler.remove_slot(slot, reason, running):
             self._apply(decision, dispatches.get((decision.job_id, decision.task_id)), None)
 
     def _retire(self, renderer: _Renderer, reason: str) -> None:
@@ -483,6 +491,8 @@ def get_or_start_controller(catalog_location: str):
         max_task_retries=-1,
         max_concurrency=32,
         num_cpus=0,
+        # On the head node: it outlives worker nodes (spot instances come and go; the head stays).
+        resources={HEAD_NODE_RESOURCE: 0.001},
     ).remote(catalog_location)
     info = ray.get(actor.ping.remote())
     if info["catalog"] != Catalog(catalog_location).location:

@@ -168,9 +168,10 @@ class Scheduler:
             raise ValueError(f"unknown pool {pool!r}")
         self._slots.setdefault(slot, _Slot(pool, model))
 
-    def remove_slot(self, slot: str, reason: str = "renderer lost") -> list[Decision]:
-        """A slot's renderer died: its tasks go back to their queues as interrupted, except a task
-        that has now been interrupted ``max_interruptions`` times, which fails."""
+    def remove_slot(self, slot: str, reason: str = "renderer lost", running: str | None = None) -> list[Decision]:
+        """A slot's renderer died: its tasks go back to their queues as interrupted. The task that
+        was running (``running``; the others only waited behind it) is counted: once it has been
+        on ``max_interruptions`` renderers that died, it fails instead of going back."""
         lost = self._slots.pop(slot, None)
         if lost is None:
             return []
@@ -182,7 +183,8 @@ class Scheduler:
             if job.cancelled:
                 decisions.append(Decision(job_id, task_id, Outcome.DROPPED, "job cancelled", task=task))
                 continue
-            job.interruptions[task_id] += 1
+            if task_id == running:
+                job.interruptions[task_id] += 1
             if job.interruptions[task_id] >= job.limits.max_interruptions:
                 job.failed += 1
                 decisions.append(Decision(job_id, task_id, Outcome.FAILED,

@@ -39,17 +39,16 @@ def write_manifest(tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray for the session's integration tests (token auth on, as Ray ≥ 2.59 does).
+    """Ray for the session's integration tests (token auth on, as Ray ≥ 2.59 does).
 
     Ray workers inherit the environment at ray.init, so the S3 server's endpoint and credentials
     are exported first: renderers reach S3 through boto3's usual chain, as on a real node."""
     import ray
 
     os.environ.update(s3_server.env)
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +80,10 @@ def s3(s3_server, monkeypatch):
 
 @pytest.fixture
 def ray_local(ray_session):
-    """The session's Ray, with no farm controller left from an earlier test (each test has its own
-    catalog; a controller serves one)."""
+    """A local Ray (started once, again after a multi-node test replaced it), with no farm
+    controller left from an earlier test: each test has its own catalog, a controller serves one."""
+    if not ray_session.is_initialized():
+        ray_session.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray_session
     stop_controller(ray_session)
 

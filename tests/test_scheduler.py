@@ -104,12 +104,12 @@ def test_lost_slot_requeues_without_spending_attempts_and_a_poison_task_fails():
     s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=1)
     s.add_job("j", make_tasks(2), limits=JobLimits(max_attempts=1, max_interruptions=2))
     dispatched = {d.slot: d for d in s.next_dispatches()}
-    (decision,) = s.remove_slot("a", "node lost")
+    (decision,) = s.remove_slot("a", "node lost", running=dispatched["a"].task.task_id)
     assert decision.outcome is Outcome.REQUEUED
     s.add_slot("a2", "cpu")
     again = [d for d in s.next_dispatches() if d.task == dispatched["a"].task]
     assert again and again[0].attempt == 1  # the interrupted attempt was not spent
-    (poison,) = s.remove_slot(again[0].slot, "OOM")
+    (poison,) = s.remove_slot(again[0].slot, "OOM", running=again[0].task.task_id)
     assert poison.outcome is Outcome.FAILED and "2 renderers died running it; last: OOM" in poison.reason
 
 
