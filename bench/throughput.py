@@ -45,7 +45,8 @@ def main() -> int:
         outcome = api.submit(manifest, workers=args.workers)
         total_s = time.perf_counter() - started
     run = outcome.run
-    renderers = len(outcome.renderers)
+    ready = [r for r in outcome.renderers if r["ready"]]
+    renderers = len(ready)
     result = {
         "benchmark": "throughput",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -60,8 +61,8 @@ def main() -> int:
         "startup_s": round(total_s - run.elapsed_s, 3),
         "clips_per_minute": round(run.succeeded / run.elapsed_s * 60, 1),
         "clips_per_minute_total": round(run.succeeded / total_s * 60, 1),
-        "model_loads": sum(r.pipeline_loads for r in outcome.renderers),
-        "model_load_s": [round(r.load_seconds, 2) for r in outcome.renderers],
+        "model_loads": sum(r["loads"] for r in ready),
+        "model_load_s": [round(r["load_s"], 2) for r in ready],
         "render_share": round(run.busy_s / (renderers * run.elapsed_s), 3),
     }
     RESULTS.mkdir(exist_ok=True)

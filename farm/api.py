@@ -51,7 +51,7 @@ class RunSummary:
     failed: int  # tasks that ended failed
     attempts: int
     interrupted: int
-    elapsed_s: float
+    elapsed_s: float  # first attempt's start to last attempt's end (the whole wait if none ran)
     busy_s: float  # sum over attempts of generate + encode + write time
     state: str
 
@@ -242,8 +242,10 @@ def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan) -> JobRe
 
 def _summarize(catalog: Catalog, job_id: str, elapsed_s: float, state: str) -> RunSummary:
     rows = catalog.attempts(job_id, columns=["status", "final", "recovered", "generate_s", "encode_s",
-                                              "write_s"]).to_pylist()
+                                              "write_s", "started_at", "finished_at"]).to_pylist()
     made = [r for r in rows if not r["recovered"]]
+    if made:  # the rendering makespan: first attempt's start to last attempt's end
+        elapsed_s = (max(r["finished_at"] for r in made) - min(r["started_at"] for r in made)).total_seconds()
     return RunSummary(
         succeeded=sum(r["status"] == "succeeded" for r in made),
         failed=sum(r["status"] == "failed" and r["final"] for r in made),
