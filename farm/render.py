@@ -83,11 +83,14 @@ class Renderer:
         threads: int | None = None,
     ) -> None:
         global _PIPELINE_LOADS
-        import torch
+        if model.kind == "fake":
+            self.device = "cpu"
+        else:
+            import torch
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if threads:
+                torch.set_num_threads(threads)
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
         self.actor_id, self.node_id = _ray_ids()
         self._sinks: dict[OutputTarget, Sink] = {}
@@ -150,9 +153,11 @@ class Renderer:
         return self._sinks[output]
 
     def _generate(self, task: Task):
+        s = task.settings
+        if task.model.kind == "fake":
+            return self.pipeline(num_frames=s.frames, height=s.height, width=s.width).frames[0]
         import torch
 
-        s = task.settings
         generator = torch.Generator(device="cpu").manual_seed(task.seed)
         with torch.inference_mode():
             output = self.pipeline(

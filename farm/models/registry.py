@@ -11,6 +11,7 @@ from pathlib import Path
 
 from farm.config import HUB_CONNECT_TIMEOUT_S, models_dir
 from farm.errors import ModelError
+from farm.models.fake import FAKE_SPEC, fake_pipeline
 from farm.models.tiny import TINY_ROPE_MAX_SEQ_LEN, TINY_VERSION, ensure_tiny_model
 from farm.task import ModelRef
 
@@ -65,6 +66,8 @@ class ModelConstraints:
 def resolve_model(spec: str, base_dir: Path) -> ModelRef:
     """Turn ``model:`` into a ModelRef. Relative paths are relative to the manifest's folder."""
     spec = spec.strip()
+    if FAKE_SPEC.match(spec):
+        return ModelRef(spec, "fake", spec, f"fake:{spec}", "FakePipeline")
     if spec in BUILTIN_MODELS:
         location = str(models_dir() / f"tiny-wan-{TINY_VERSION}")
         return ModelRef(spec, "builtin", location, f"builtin:tiny-wan-{TINY_VERSION}", "WanPipeline")
@@ -130,6 +133,8 @@ def _cached_hub_family(hub_id: str) -> str | None:
 
 
 def constraints_for(model: ModelRef) -> ModelConstraints:
+    if model.kind == "fake":
+        return ModelConstraints(spatial_multiple=2)
     if model.kind == "builtin":
         return ModelConstraints(
             spatial_multiple=16,
@@ -167,7 +172,7 @@ def _wan_constraints(path: Path) -> ModelConstraints:
 def estimate_vram_gb(model: ModelRef, settings) -> float:
     """A rough GPU-memory need for a clip, for routing when the manifest states none: the
     weights (as bf16) plus activations that grow with width × height × frames."""
-    if model.kind == "builtin":
+    if model.kind in ("builtin", "fake"):
         return 0.0
     weights_gb = 0.0
     if model.kind == "local":
@@ -187,6 +192,8 @@ def _hub_reachable() -> bool:
 
 def load_pipeline(model: ModelRef, device: str, dtype_name: str = "auto"):
     """Load the diffusers pipeline for ``model`` onto ``device``. Imports torch and diffusers."""
+    if model.kind == "fake":
+        return fake_pipeline(model.spec)
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
