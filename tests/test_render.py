@@ -62,3 +62,16 @@ def test_a_failing_task_is_a_failed_result_not_a_crash(renderer_and_tasks, tmp_p
     assert "\n" not in result.error
     assert not (tmp_path / f"{bad.task_id}.json").exists()
     assert renderer.render(tasks[0], 1, OutputTarget(str(tmp_path))).succeeded  # the renderer carries on
+
+
+def test_fake_models_are_named_as_such_and_go_through_the_same_render_path(tmp_path):
+    from farm.models import resolve_model
+    from farm.task import RenderSettings, Task
+
+    model = resolve_model("fake:sleep-5ms", tmp_path)
+    assert (model.kind, model.identity) == ("fake", "fake:fake:sleep-5ms")
+    renderer = Renderer(model)
+    task = Task("fake-task", "x", 0, model, RenderSettings(16, 16, 3, 8, 1, 1.0))
+    result = renderer.render(task, 1, OutputTarget(str(tmp_path / "out")))
+    assert result.succeeded and result.timings.generate_s >= 0.005
+    assert probe(tmp_path / "out" / "fake-task.mp4").frames == 3
