@@ -195,13 +195,6 @@ class Scheduler:
                 decisions.append(Decision(job_id, task_id, Outcome.REQUEUED, reason, task=task))
         return decisions
 
-    def slot_pool(self, slot: str) -> str | None:
-        s = self._slots.get(slot)
-        return s.pool if s else None
-
-    def slots(self) -> dict[str, str]:
-        return {name: s.pool for name, s in self._slots.items()}
-
     def slot_load(self, slot: str) -> list[tuple[str, str]]:
         s = self._slots.get(slot)
         return list(s.in_flight) if s else []
@@ -229,13 +222,6 @@ class Scheduler:
     def forget(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
 
-    def jobs(self) -> list[str]:
-        return list(self._jobs)
-
-    def has_job(self, job_id: str) -> bool:
-        return job_id in self._jobs
-
-    # --- dispatch
     def next_dispatches(self) -> list[Dispatch]:
         """Fill free slots: cheapest pool first, least-loaded slot first, one task per slot per
         round so work spreads over every renderer."""
@@ -298,11 +284,6 @@ class Scheduler:
             while job.delayed and job.delayed[0][0] <= now:
                 job.push(heapq.heappop(job.delayed)[2])
 
-    def seconds_until_next_retry(self) -> float | None:
-        dues = [j.delayed[0][0] for j in self._jobs.values() if j.delayed]
-        return max(0.0, min(dues) - self.clock()) if dues else None
-
-    # --- results
     def record(self, slot: str, job_id: str, task_id: str, succeeded: bool, error: str = "") -> Decision:
         """An attempt finished on ``slot`` (a failure includes a timeout)."""
         job = self._jobs[job_id]
@@ -350,9 +331,6 @@ class Scheduler:
             if queued and not j.cancelled:
                 out.append((j.model, j.priority, [n for n, q in j.ready.items() if q], queued))
         return out
-
-    def slot_models(self) -> dict[str, str]:
-        return {name: s.model for name, s in self._slots.items()}
 
     @property
     def idle(self) -> bool:
