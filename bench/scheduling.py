@@ -151,6 +151,8 @@ def main() -> int:
         ray.init(num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         for label, model, count, size in (("a_sleep_50ms", "fake:sleep-50ms", args.sleep_tasks, "16x16x1"),
                                           ("b_tiny_wan", "tiny", args.tiny_tasks, "64x64x9")):
+            if not count:
+                continue
             manifest = write_manifest(folder, label.replace("_", "-"), model, count, size)
             results[label] = {
                 "farm": run_farm(manifest),

@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from farm.errors import FarmError
@@ -143,7 +143,8 @@ class Renderer:
                 finished_at=time.time(),
             )
             sink.put_json(result_record(result), f"{task.task_id}.json")  # the commit marker, last
-            return result
+            # The marker is part of writing the clip: count it (the marker itself can't hold its own time).
+            return replace(result, timings=replace(result.timings, write_s=time.perf_counter() - t2))
         except Exception as exc:  # a task's failure is data for the catalog, not a crash of the renderer
             return Result(**base, status=AttemptStatus.FAILED, error=_one_line(exc), finished_at=time.time())
 
