@@ -69,9 +69,9 @@ def test_server_stopped_mid_job_fails_clearly_then_resubmit_completes_without_du
             s3.stop()
             stopped.append(progress.succeeded)
 
-    # Clips take 0.4 s more each, so the server goes down while most of the job is still to do.
+    # Clips take 0.8 s more each, so the server goes down while most of the job is still to do.
     first = api.submit(manifest, workers=2, on_progress=stop_after_three,
-                       test_faults=TestFaults("clip", action="slow", hang_s=0.4))
+                       test_faults=TestFaults("clip", action="slow", hang_s=0.8))
     assert stopped and first.run.failed > 0 and first.run.succeeded + first.run.failed == 8
     _, rows = api.results(first.job_id, catalog_root=None)
     failed = [r for r in rows if r["status"] == "failed"]
