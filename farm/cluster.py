@@ -42,7 +42,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
                     "to use an embedded local Ray",
                 ) from None
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+            # address="local": always a new embedded Ray, never a cluster that happens to run here.
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
             embedded = True
     resources = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
