@@ -166,6 +166,7 @@ def submit(
         test_faults = TestFaults(**json.loads(os.environ["FARM_TEST_FAULTS"]))
     catalog = _catalog(catalog_root)
     mf = load_manifest(manifest_path, output_override=output)
+    expand(mf)  # a bad manifest is reported before any Ray starts
     # Reach the cluster before recording anything: a wrong --address leaves no half-started job.
     info = cluster.connect(address, num_cpus=workers)
     try:
