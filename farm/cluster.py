@@ -43,7 +43,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
                 ) from None
         else:
             # address="local": always a new embedded Ray, never a cluster that happens to run here.
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+            # Ray's dashboard process is what writes the Prometheus service-discovery file that
+            # lists each node's metrics agent; it listens on loopback only.
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
+                     dashboard_host="127.0.0.1", **quiet)
             embedded = True
     resources = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -142,5 +145,5 @@ def start_renderer(model: ModelRef, capacity: PoolCapacity):
         ray.remote(Renderer)
         .options(num_cpus=0 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER, num_gpus=capacity.gpus_per_slot,
                  resources=resources, max_restarts=0, max_task_retries=0)
-        .remote(model, None, threads)
+        .remote(model, None, threads, capacity.pool.name)
     )

@@ -33,8 +33,14 @@ CATALOG_BATCH_SECONDS = float(os.environ.get("FARM_CATALOG_BATCH_SECONDS", "5"))
 CPUS_PER_CPU_RENDERER = 1
 # Seconds to wait for a Ray head's port before calling it unreachable.
 RAY_CONNECT_TIMEOUT_S = 5.0
+# The controller's Prometheus metrics: loopback unless FARM_METRICS_ADDRESS opens them up.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
 # Seconds to wait for the hub before calling it unreachable.
 HUB_CONNECT_TIMEOUT_S = 5.0
+# Autoscaling (farm/scaling.py): seconds one renderer slot takes per clip until a pool has measured
+# its own, and how long a pool's backlog stays empty before its nodes are let go down to min_workers.
+DEFAULT_SECONDS_PER_CLIP = 60.0
+SCALE_DOWN_IDLE_S = 300.0
 
 
 def farm_home() -> Path:
@@ -50,6 +56,13 @@ def models_dir() -> Path:
     """Built-in models are built here once; FARM_MODELS_DIR shares one cache between farm homes."""
     shared = os.environ.get("FARM_MODELS_DIR")
     return Path(shared).expanduser().resolve() if shared else farm_home() / "models"
+
+
+def metrics_address() -> str:
+    """Where the controller serves its Prometheus metrics: FARM_METRICS_ADDRESS (HOST:PORT, or
+    "off"), else loopback only — open it to a network deliberately, e.g. 0.0.0.0:9400."""
+    value = os.environ.get("FARM_METRICS_ADDRESS", DEFAULT_METRICS_ADDRESS).strip()
+    return "" if value.lower() in ("", "off", "none") else value
 
 
 def outputs_dir() -> Path:

@@ -28,6 +28,13 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from farm.catalog import AttemptWriter, Catalog, JobRecord, attempt_row
+from farm.metrics import (
+    FINISHED_JOB_TTL_S,
+    ControllerMetrics,
+    FarmSnapshot,
+    JobSnapshot,
+    PoolSnapshot,
+)
 from farm.scheduler import Decision, Dispatch, JobLimits, Outcome, Scheduler
 from farm.storage import OutputTarget, StorageOptions, open_sink
 from farm.task import AttemptStatus, ModelRef, Result, Task
@@ -117,7 +124,7 @@ def job_target(record: JobRecord) -> OutputTarget:
 class Controller:
     """Made a detached named actor by ``get_or_start_controller``; a plain class for tests."""
 
-    def __init__(self, catalog_location: str) -> None:
+    def __init__(self, catalog_location: str, metrics_address: str | None = None) -> None:
         import ray
 
         # Identifies this Ray cluster's lifetime: a controller restarted by Ray in the same cluster
@@ -128,6 +135,7 @@ class Controller:
         self.lock = threading.RLock()
         self.jobs: dict[str, _RunningJob] = {}
         self.finished: dict[str, JobProgress] = {}
+        self.finished_meta: dict[str, tuple[JobRecord, float]] = {}  # job → (record, when it finished)
         self.renderers: dict[str, _Renderer] = {}
         self.pending_starts: dict = {}  # info ref → slot
         self.capacity: dict = {}  # pool name → PoolCapacity
@@ -135,6 +143,12 @@ class Controller:
         self._last_pool_refresh = 0.0
         self._stop = threading.Event()
         self.errors: deque[str] = deque(maxlen=50)
+        self.metrics = ControllerMetrics(self._metrics_snapshot)
+        if metrics_address:
+            try:
+                self.metrics.serve(metrics_address)
+            except (OSError, ValueError) as exc:  # metrics are worth a warning, never a stopped farm
+                self.errors.append(f"metrics not served on {metrics_address}: {exc}")
         self.restored = self._restore()
         self._thread = threading.Thread(target=self._run, name="farm-dispatch", daemon=True)
         self._thread.start()
@@ -142,7 +156,11 @@ class Controller:
     # ------------------------------------------------------------------ API (remote calls)
     def ping(self) -> dict:
         return {"catalog": self.catalog.location, "jobs": list(self.jobs), "restored": self.restored,
-                "pid": os.getpid(), "session": self.session}
+                "pid": os.getpid(), "session": self.session, "metrics": self.metrics.address}
+
+    def metrics_text(self) -> str:
+        """The controller's exposition, as a scrape of its metrics port would get it."""
+        return self.metrics.exposition().decode()
 
     def submit(self, job_id: str, test_faults=None) -> JobProgress:
         """Take a job the client has written to the catalog. Submitting the same job twice is harmless.
@@ -199,6 +217,7 @@ class Controller:
         with self.lock:
             for job in self.jobs.values():
                 job.writer.flush()
+        self.metrics.stop()
 
     # ------------------------------------------------------------------ admission and restore
     def _restore(self) -> list[str]:
@@ -238,6 +257,7 @@ class Controller:
                                                time.monotonic(), len(tasks) - len(todo),
                                                {t.task_id for t in todo}, test_faults=test_faults)
         self.catalog.record_event(record.job_id, "admitted", self.session)
+        self.metrics.job_admitted(record.job_id)
 
     def _progress(self, job_id: str) -> JobProgress:
         job = self.jobs[job_id]
@@ -359,6 +379,7 @@ class Controller:
             return
         renderer.ready, renderer.loads, renderer.load_s = True, info.pipeline_loads, info.load_seconds
         renderer.node_id, renderer.actor_id, renderer.pid = info.node_id, info.actor_id, info.pid
+        self.metrics.record_model_load(renderer.pool, renderer.model.spec)
         self.scheduler.add_slot(slot, renderer.pool, renderer.model.identity)
 
     def _fail_model_jobs(self, model: ModelRef, error: str) -> None:
@@ -391,7 +412,7 @@ class Controller:
         except RayTaskError as exc:
             result = Result(d.task.task_id, d.attempt, AttemptStatus.FAILED,
                             error=str(exc).strip().splitlines()[-1][:2000], started_at=time.time(),
-                            finished_at=time.time())
+                            finished_at=time.time(), error_kind="other")
         renderer = self.renderers.get(slot)
         if renderer is not None:
             if renderer.queue and renderer.queue[0][0] == ref:
@@ -412,11 +433,45 @@ class Controller:
         if result is None:  # a decision without an attempt result: interrupted, poison task, stuck job
             status = {Outcome.FAILED: AttemptStatus.FAILED, Outcome.DROPPED: AttemptStatus.CANCELLED}.get(
                 decision.outcome, AttemptStatus.INTERRUPTED)
+            # With a dispatch its renderer died under it; without one the scheduler gave up on the
+            # job's renderers after repeated failures.
             result = Result(decision.task_id, d.attempt if d else decision.attempt, status, error=decision.reason,
-                            started_at=time.time(), finished_at=time.time())
+                            started_at=time.time(), finished_at=time.time(),
+                            error_kind="renderer_lost" if d else "bad_renderer")
         elif decision.outcome is Outcome.DROPPED and not result.succeeded:
             result = replace(result, status=AttemptStatus.CANCELLED)
         job.writer.add(attempt_row(task, result, job.target.uri, final=decision.final))
+        self.metrics.record_attempt(decision.job_id, _pool_of(d.slot) if d else "", job.model.spec,
+                                    result.status.value, result.error_kind, decision.outcome is Outcome.RETRY)
+
+    # ------------------------------------------------------------------ metrics
+    def _metrics_snapshot(self) -> FarmSnapshot:
+        """What the gauges show at a scrape: running jobs, jobs finished within the TTL, pools."""
+        with self.lock:
+            now = time.monotonic()
+            for job_id, (_, finished_at) in list(self.finished_meta.items()):
+                if now - finished_at > FINISHED_JOB_TTL_S:
+                    del self.finished_meta[job_id]
+                    self.metrics.forget_job(job_id)
+            jobs = [(job.record, self._progress(job_id)) for job_id, job in self.jobs.items()]
+            jobs += [(record, self.finished[job_id]) for job_id, (record, _) in self.finished_meta.items()
+                     if job_id in self.finished and job_id not in self.jobs]
+            job_snaps = [JobSnapshot(
+                record.job_id, record.campaign, record.model, record.priority, p.state,
+                {"queued": p.queued - p.waiting_for_pool, "waiting_for_pool": p.waiting_for_pool,
+                 "running": p.in_flight, "succeeded": p.succeeded, "failed": p.failed},
+                (p.succeeded + p.failed) / p.total if p.total else 1.0,
+                p.eta_s if p.state in ("running", "cancelling") else 0.0,
+            ) for record, p in jobs]
+            pool_snaps = []
+            for name, cap in self.capacity.items():
+                states = {"busy": 0, "idle": 0, "loading": 0}
+                for r in self.renderers.values():
+                    if r.pool == name:
+                        states["loading" if not r.ready else "busy" if r.queue else "idle"] += 1
+                pool_snaps.append(PoolSnapshot(name, cap.pool.gpu_type or "", cap.pool.vram_gb,
+                                               cap.pool.cost_per_hour, cap.slots, states))
+            return FarmSnapshot(job_snaps, pool_snaps)
 
     def _renderer_lost(self, slot: str, reason: str) -> None:
         renderer = self.renderers.pop(slot, None)
@@ -455,7 +510,8 @@ class Controller:
                 reason = f"timed out after {job.record.timeout_s:g}s on renderer {renderer.slot}"
                 decision = self.scheduler.record(renderer.slot, head.job_id, head.task.task_id, False, reason)
                 result = Result(head.task.task_id, head.attempt, AttemptStatus.FAILED, error=reason,
-                                node_id=renderer.node_id, started_at=time.time(), finished_at=time.time())
+                                node_id=renderer.node_id, started_at=time.time(), finished_at=time.time(),
+                                error_kind="timeout")
                 self._apply(decision, head, result)
                 self._renderer_lost(renderer.slot, "stopped after a timeout")
                 ray.kill(renderer.actor, no_restart=True)
@@ -470,16 +526,23 @@ class Controller:
         event = "cancelled" if p.cancelled else "finished"
         self.catalog.record_event(job_id, event, f"{p.succeeded} succeeded, {p.failed} failed")
         self.finished[job_id] = final
+        self.finished_meta[job_id] = (job.record, time.monotonic())
         while len(self.finished) > FINISHED_JOBS_KEPT:
             self.finished.pop(next(iter(self.finished)))
         self.scheduler.forget(job_id)
         del self.jobs[job_id]
 
 
-def get_or_start_controller(catalog_location: str):
-    """The cluster's controller actor, started (detached, restarted by Ray if it dies) if absent."""
+def _pool_of(slot: str) -> str:
+    return slot.rsplit("-", 1)[0]  # slots are named <pool>-<random hex>
+
+
+def get_or_start_controller(catalog_location: str, metrics_address: str | None = None):
+    """The cluster's controller actor, started (detached, restarted by Ray if it dies) if absent.
+    ``metrics_address`` is where a newly started one serves its metrics (None: the configured one)."""
     import ray
 
+    from farm.config import metrics_address as configured_metrics_address
     from farm.errors import ClusterError
 
     actor = ray.remote(Controller).options(
@@ -493,7 +556,7 @@ def get_or_start_controller(catalog_location: str):
         num_cpus=0,
         # On the head node: it outlives worker nodes (spot instances come and go; the head stays).
         resources={HEAD_NODE_RESOURCE: 0.001},
-    ).remote(catalog_location)
+    ).remote(catalog_location, metrics_address if metrics_address is not None else configured_metrics_address())
     info = ray.get(actor.ping.remote())
     if info["catalog"] != Catalog(catalog_location).location:
         raise ClusterError(

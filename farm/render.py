@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from farm.errors import FarmError
+from farm.metrics import RendererMetrics
 from farm.models import load_pipeline
 from farm.storage import OutputTarget, Sink, open_sink
 from farm.task import AttemptStatus, ModelRef, Result, Task, Timings
@@ -81,6 +82,7 @@ class Renderer:
         model: ModelRef,
         device: str | None = None,
         threads: int | None = None,
+        pool: str = "",
     ) -> None:
         global _PIPELINE_LOADS
         if model.kind == "fake":
@@ -103,6 +105,9 @@ class Renderer:
         except Exception as exc:  # reported through info(), so the driver can say why in one line
             self.load_error = str(exc) if isinstance(exc, FarmError) else _one_line(exc)
         self.load_seconds = time.perf_counter() - started
+        self.metrics = RendererMetrics(pool, model.spec)
+        if self.pipeline is not None:
+            self.metrics.model_loaded(self.load_seconds)
 
     def info(self) -> RendererInfo:
         return RendererInfo(self.actor_id, self.node_id, self.device, self.model.identity, self.load_seconds,
@@ -113,6 +118,7 @@ class Renderer:
         started = time.time()
         base = {"task_id": task.task_id, "attempt": attempt, "node_id": self.node_id, "actor_id": self.actor_id,
                 "started_at": started}
+        stage = "render"  # which stage a failure belongs to (a bounded metric label)
         try:
             if self.pipeline is None:
                 raise RuntimeError(f"model not loaded: {self.load_error}")
@@ -123,12 +129,15 @@ class Renderer:
             t0 = time.perf_counter()
             frames = self._generate(task)
             t1 = time.perf_counter()
+            stage = "storage"
             sink = self._sink(output)
             with tempfile.TemporaryDirectory(prefix="farm-render-") as tmp:
                 video_path, poster_path = Path(tmp) / "clip.mp4", Path(tmp) / "poster.jpg"
+                stage = "encode"
                 encode_mp4(frames, task.settings.fps, video_path)
                 write_poster(frames, poster_path)
                 t2 = time.perf_counter()
+                stage = "storage"
                 video = sink.put_file(video_path, f"{task.task_id}.mp4")
                 poster = sink.put_file(poster_path, f"{task.task_id}.jpg")
             t3 = time.perf_counter()
@@ -144,9 +153,13 @@ class Renderer:
             )
             sink.put_json(result_record(result), f"{task.task_id}.json")  # the commit marker, last
             # The marker is part of writing the clip: count it (the marker itself can't hold its own time).
-            return replace(result, timings=replace(result.timings, write_s=time.perf_counter() - t2))
+            result = replace(result, timings=replace(result.timings, write_s=time.perf_counter() - t2))
+            self.metrics.clip_made(result.timings.generate_s, result.timings.encode_s, result.timings.write_s,
+                                   len(frames), task.settings.fps)
+            return result
         except Exception as exc:  # a task's failure is data for the catalog, not a crash of the renderer
-            return Result(**base, status=AttemptStatus.FAILED, error=_one_line(exc), finished_at=time.time())
+            return Result(**base, status=AttemptStatus.FAILED, error=_one_line(exc), finished_at=time.time(),
+                          error_kind=stage)
 
     def _sink(self, output: OutputTarget) -> Sink:
         if output not in self._sinks:

@@ -143,6 +143,9 @@ class Result:
     error: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
+    # Where a failed attempt failed: render | encode | storage (the renderer's stages), timeout,
+    # renderer_lost, bad_renderer, other. Bounded, so it can be a metric label.
+    error_kind: str = ""
 
     @property
     def succeeded(self) -> bool:

@@ -11,6 +11,9 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   "${pip[@]}" install -q "torch==${FARM_TORCH_VERSION:-2.13.0}"
 fi
 extras=""
-[ "${1:-}" = "test" ] && extras="[test]"
+if [ "${1:-}" = "test" ]; then
+  extras="[test]"
+  scripts/install-test-services.sh  # a real Prometheus for the observability tests
+fi
 "${pip[@]}" install -q -e ".${extras}"
 echo "farm installed in .venv (activate with: source .venv/bin/activate)"

@@ -15,6 +15,8 @@ def shared_model_cache(tmp_path_factory) -> Path:
     """Build the tiny model once per session (the same code path users get), shared by every test."""
     root = tmp_path_factory.mktemp("models")
     os.environ["FARM_MODELS_DIR"] = str(root)
+    # Controllers started by tests serve metrics on a free port, never a running farm's 9400.
+    os.environ.setdefault("FARM_METRICS_ADDRESS", "127.0.0.1:0")
     return root
 
 
