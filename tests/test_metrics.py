@@ -234,6 +234,9 @@ def observed(ray_session, tmp_path_factory):
         prom.wait_for(f'farm_job_tasks{{job_id="{failing.job_id}", state="failed"}} == 4')
         # Renderer metrics travel through Ray's agents (reported every few seconds).
         prom.wait_for("sum(ray_farm_frames_total) >= 40")
+        # rate() needs two samples of a series; Ray's agents report every few seconds.
+        prom.wait_for("min(count_over_time(ray_farm_render_seconds_count[5m])) >= 2")
+        prom.wait_for("min(count_over_time(ray_node_cpu_utilization[5m])) >= 2")
         facts["after_failing"] = {name: prom.query(expr) for name, expr in alerts.items()}
         facts["exposition"] = urllib.request.urlopen(
             f"http://{os.environ['FARM_METRICS_ADDRESS']}/metrics", timeout=10).read().decode()
