@@ -1,0 +1,226 @@
+"""Scaling decisions: how many worker nodes each pool should have for the work waiting for it,
+and what finishing that work by a deadline takes and costs.
+
+Pure: no Ray, no I/O, no clock (the caller says how long each pool has been idle). The controller
+feeds it the pools (``PoolScaling``) and the backlog, and hands ``resource_bundles(plan)`` to
+``ray.autoscaler.sdk.request_resources``.
+
+Policy:
+- backlog: tasks queued or running. Tasks pinned to a pool count for it; the others (grouped by
+  ``Requirements``) go to the cheapest pool that fits them and may have workers. With a deadline,
+  what the cheapest pool cannot finish by then at ``max_workers`` spills to the next cheapest.
+- no deadline: enough workers to keep every slot busy, ``ceil(backlog / slots_per_worker)``.
+- deadline: the fewest workers that finish the backlog by it. A clip is not split, so a slot
+  finishes ``floor(deadline / seconds_per_clip)`` clips by then and the pool needs
+  ``ceil(backlog / (slots_per_worker * that))`` workers. Fewer nodes, not cheaper clips: the same
+  clip-seconds cost the same on any node, but each node pays its boot and model load and holds
+  capacity others could use. A deadline that cannot be met asks for ``max_workers`` and says so.
+- always within ``[min_workers, max_workers]``; an empty backlog keeps the current workers until
+  the pool has been idle ``idle_grace_s``, then lets them go down to ``min_workers``.
+- cost: ``workers * slots_per_worker * hours * pool.cost_per_hour`` (Pool's cost is per slot).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from farm.config import DEFAULT_SECONDS_PER_CLIP, SCALE_DOWN_IDLE_S
+from farm.task import Pool, Requirements
+
+POOL_RESOURCE = "farm_pool:"  # as farm/cluster.py names it; not imported to keep this module free of Ray
+
+
+@dataclass(frozen=True)
+class PoolScaling:
+    """One pool as the autoscaler sees it: a node type whose nodes each offer ``slots_per_worker``
+    renderer slots. A fixed pool (an on-prem workstation) has min_workers = max_workers."""
+
+    pool: Pool
+    current_workers: int
+    slots_per_worker: int = 1
+    min_workers: int = 0
+    max_workers: int = 0
+    seconds_per_clip: float | None = None  # measured mean per slot; None: DEFAULT_SECONDS_PER_CLIP
+    idle_for_s: float = 0.0  # how long the pool's backlog has been empty
+
+    def __post_init__(self) -> None:
+        if self.slots_per_worker < 1:
+            raise ValueError(f"pool {self.pool.name}: slots_per_worker must be at least 1")
+        if not 0 <= self.min_workers <= self.max_workers:
+            raise ValueError(f"pool {self.pool.name}: need 0 <= min_workers <= max_workers")
+        if self.seconds_per_clip is not None and self.seconds_per_clip <= 0:
+            raise ValueError(f"pool {self.pool.name}: seconds_per_clip must be positive")
+
+    @property
+    def clip_s(self) -> float:
+        return self.seconds_per_clip or DEFAULT_SECONDS_PER_CLIP
+
+    def clips_by(self, deadline_s: float) -> int:
+        """Clips the pool at max_workers finishes within ``deadline_s``."""
+        return self.max_workers * self.slots_per_worker * int(max(deadline_s, 0.0) // self.clip_s)
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    pool: str
+    current_workers: int
+    target_workers: int
+    reason: str
+    slots_per_worker: int = 1
+
+    @property
+    def delta(self) -> int:
+        return self.target_workers - self.current_workers
+
+
+@dataclass(frozen=True)
+class DeadlineEstimate:
+    pool: str
+    backlog: int
+    workers_needed: int  # before the min/max clamp; for a deadline, the fewest that meet it
+    workers: int  # the target
+    finish_s: float  # seconds to finish the backlog with ``workers`` (inf: no workers)
+    cost_dollars: float
+    deadline_s: float | None = None
+    reachable: bool = True  # the deadline (if any) is met with ``workers``
+
+
+@dataclass(frozen=True)
+class ScalingPlan:
+    decisions: tuple[ScalingDecision, ...]
+    estimates: tuple[DeadlineEstimate, ...]
+    backlog: Mapping[str, int]  # tasks routed to each pool
+    unroutable: int = 0  # tasks no pool fits (or pinned to a pool that is not there)
+
+    @property
+    def reachable(self) -> bool:
+        return self.unroutable == 0 and all(e.reachable for e in self.estimates)
+
+    @property
+    def cost_dollars(self) -> float:
+        return sum(e.cost_dollars for e in self.estimates)
+
+
+def decide(
+    scaling: PoolScaling, backlog: int, deadline_s: float | None = None, idle_grace_s: float = SCALE_DOWN_IDLE_S
+) -> tuple[ScalingDecision, DeadlineEstimate]:
+    """The target worker count of one pool for ``backlog`` tasks, and what it takes to finish them."""
+    s, lo, hi, now = scaling.slots_per_worker, scaling.min_workers, scaling.max_workers, scaling.current_workers
+    clip_s = scaling.clip_s
+    reachable = True
+    if backlog <= 0:
+        needed = 0
+        if scaling.idle_for_s >= idle_grace_s:
+            target = lo
+            reason = f"idle {scaling.idle_for_s:.0f}s >= {idle_grace_s:.0f}s: down to min_workers {lo}"
+        else:
+            target = min(max(now, lo), hi)
+            reason = f"no backlog for {scaling.idle_for_s:.0f}s (< {idle_grace_s:.0f}s): keep {target}"
+    elif deadline_s is None:
+        needed = math.ceil(backlog / s)
+        target = min(max(needed, lo), hi)
+        reason = f"{backlog} tasks keep {needed} workers of {s} slots busy" + _clamped(needed, target, lo, hi)
+    else:
+        per_slot = int(max(deadline_s, 0.0) // clip_s)  # whole clips one slot finishes by the deadline
+        if per_slot == 0:
+            needed, target, reachable = math.ceil(backlog / s), hi, False
+            reason = f"deadline {deadline_s:.0f}s is shorter than one clip ({clip_s:.0f}s): cannot be met; max {hi}"
+        else:
+            needed = math.ceil(backlog / (s * per_slot))
+            target = min(max(needed, lo), hi)
+            reachable = needed <= hi
+            if reachable:
+                reason = (f"{backlog} tasks at {clip_s:.0f}s/clip by {deadline_s:.0f}s need {needed} workers"
+                          + _clamped(needed, target, lo, hi))
+            else:
+                reason = (f"deadline {deadline_s:.0f}s cannot be met: {backlog} tasks at {clip_s:.0f}s/clip need "
+                          f"{needed} workers, max_workers is {hi}")
+    finish_s = _finish_s(backlog, target, s, clip_s)
+    if deadline_s is not None and backlog > 0:
+        reason += f"; done in ~{finish_s:.0f}s" if math.isfinite(finish_s) else "; no workers: never done"
+        reachable = reachable and finish_s <= deadline_s
+    cost = 0.0 if not math.isfinite(finish_s) else target * s * finish_s / 3600 * scaling.pool.cost_per_hour
+    name = scaling.pool.name
+    return (
+        ScalingDecision(name, now, target, reason, s),
+        DeadlineEstimate(name, max(backlog, 0), needed, target, finish_s, round(cost, 6), deadline_s, reachable),
+    )
+
+
+def _clamped(needed: int, target: int, lo: int, hi: int) -> str:
+    if target < needed:
+        return f", capped at max_workers {hi}"
+    if target > needed:
+        return f", floored at min_workers {lo}"
+    return ""
+
+
+def _finish_s(backlog: int, workers: int, slots: int, clip_s: float) -> float:
+    if backlog <= 0:
+        return 0.0
+    if workers <= 0:
+        return math.inf
+    return math.ceil(backlog / (workers * slots)) * clip_s  # rounds of one clip per slot
+
+
+def route(
+    pools: Iterable[PoolScaling],
+    by_pool: Mapping[str, int] | None = None,
+    by_needs: Mapping[Requirements, int] | None = None,
+    deadline_s: float | None = None,
+) -> tuple[dict[str, int], int]:
+    """Tasks per pool, and how many no pool can take. Groups that fit fewer pools are placed first,
+    so a flexible group spilling over never takes the capacity a constrained one depends on."""
+    pools = sorted(pools, key=lambda p: (p.pool.cost_per_hour, p.pool.name))
+    backlog = {p.pool.name: 0 for p in pools}
+    unroutable = 0
+    for name, count in (by_pool or {}).items():
+        if name in backlog:
+            backlog[name] += count
+        else:
+            unroutable += count
+    groups = []
+    for needs, count in (by_needs or {}).items():
+        fits = [p for p in pools if p.pool.fits(needs) and max(p.max_workers, p.current_workers) > 0]
+        if not fits:
+            unroutable += count
+        elif count > 0:
+            groups.append((len(fits), repr(needs), fits, count))
+    for _, _, fits, count in sorted(groups, key=lambda g: g[:2]):
+        if deadline_s is not None:
+            for p in fits[:-1]:
+                take = min(count, max(p.clips_by(deadline_s) - backlog[p.pool.name], 0))
+                backlog[p.pool.name] += take
+                count -= take
+            fits = fits[-1:] if count else []
+        if fits:
+            backlog[fits[0].pool.name] += count  # the cheapest, or with a deadline what is left for the last
+    return backlog, unroutable
+
+
+def plan(
+    pools: Iterable[PoolScaling],
+    by_pool: Mapping[str, int] | None = None,
+    by_needs: Mapping[Requirements, int] | None = None,
+    deadline_s: float | None = None,
+    idle_grace_s: float = SCALE_DOWN_IDLE_S,
+) -> ScalingPlan:
+    """A decision and an estimate for every pool, from the backlog (see the module's policy)."""
+    pools = list(pools)
+    backlog, unroutable = route(pools, by_pool, by_needs, deadline_s)
+    pairs = [decide(p, backlog[p.pool.name], deadline_s, idle_grace_s) for p in pools]
+    return ScalingPlan(tuple(d for d, _ in pairs), tuple(e for _, e in pairs), backlog, unroutable)
+
+
+def resource_bundles(decisions: ScalingPlan | Iterable[ScalingDecision]) -> list[dict[str, float]]:
+    """Bundles for ``ray.autoscaler.sdk.request_resources(bundles=...)``: one ``{"farm_pool:<name>": 1}``
+    per renderer slot the targets want. Only nodes of the pool's type offer that resource, so the
+    autoscaler starts exactly those. ``request_resources`` is declarative: each call replaces the
+    previous request (it is not added to it), so sending the current targets every time is safe,
+    and sending zero bundles withdraws the request, letting idle nodes go after their idle timeout.
+    It asks for at least this much: renderers waiting for a slot can still scale a pool further."""
+    if isinstance(decisions, ScalingPlan):
+        decisions = decisions.decisions
+    return [{f"{POOL_RESOURCE}{d.pool}": 1} for d in decisions for _ in range(d.target_workers * d.slots_per_worker)]

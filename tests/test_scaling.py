@@ -1,0 +1,143 @@
+"""Scaling decisions (farm/scaling.py): pure, so plain tables in, numbers and reasons out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from farm.config import DEFAULT_SECONDS_PER_CLIP, SCALE_DOWN_IDLE_S
+from farm.scaling import PoolScaling, ScalingDecision, decide, plan, resource_bundles, route
+from farm.task import Pool, Requirements
+
+L4 = Pool("l4", "L4", 24, 0.80)
+A10G = Pool("gpu24", "A10G", 24, 1.01)
+A100 = Pool("a100_80", "A100", 80, 5.12)
+
+
+def ps(pool=L4, current=0, slots=1, lo=0, hi=8, clip_s=None, idle=0.0) -> PoolScaling:
+    return PoolScaling(pool, current, slots, lo, hi, clip_s, idle)
+
+
+@pytest.mark.parametrize(
+    ("scaling", "backlog", "target", "reason"),
+    [
+        (ps(), 1, 1, "1 tasks keep 1 workers"),
+        (ps(), 5, 5, "5 tasks keep 5 workers"),
+        (ps(slots=8), 17, 3, "17 tasks keep 3 workers of 8 slots"),  # ceil(17 / 8)
+        (ps(slots=8), 16, 2, "keep 2 workers"),
+        (ps(hi=8), 100, 8, "capped at max_workers 8"),
+        (ps(lo=2), 1, 2, "floored at min_workers 2"),
+        (ps(current=6), 2, 2, "keep 2 workers"),  # fewer wanted: the autoscaler removes only idle nodes
+        (ps(current=4, idle=10), 0, 4, "no backlog for 10s"),  # within the grace period: hold
+        (ps(current=4, lo=1, idle=SCALE_DOWN_IDLE_S), 0, 1, "down to min_workers 1"),
+        (ps(current=4, idle=SCALE_DOWN_IDLE_S + 1), 0, 0, "down to min_workers 0"),
+        (ps(current=9, hi=3, idle=1), 0, 3, "keep 3"),  # more nodes than allowed: never above max
+    ],
+)
+def test_backlog_to_workers(scaling, backlog, target, reason):
+    decision, estimate = decide(scaling, backlog)
+    assert (decision.pool, decision.current_workers, decision.target_workers) == (
+        scaling.pool.name, scaling.current_workers, target)
+    assert reason in decision.reason
+    assert estimate.reachable and estimate.deadline_s is None
+
+
+@pytest.mark.parametrize(
+    ("scaling", "backlog", "deadline_s", "target", "reachable", "reason"),
+    [
+        # 100 clips at 60 s by 600 s: a slot does 10, so 10 one-slot workers
+        (ps(clip_s=60, hi=20), 100, 600, 10, True, "need 10 workers"),
+        # clips are not split: by 90 s a slot does 1 clip, not 1.5 (ceil(10*60/90) = 7 would be late)
+        (ps(clip_s=60, hi=20), 10, 90, 10, True, "need 10 workers"),
+        (ps(clip_s=60, slots=8, hi=2), 100, 600, 2, True, "need 2 workers"),  # ceil(100 / (8*10))
+        (ps(clip_s=60, hi=4), 100, 600, 4, False, "be met: 100 tasks at 60s/clip need 10 workers, max_workers is 4"),
+        (ps(clip_s=60, hi=4), 10, 30, 4, False, "shorter than one clip"),
+        (ps(clip_s=60, hi=4), 10, 0, 4, False, "shorter than one clip"),  # already past
+        (ps(clip_s=60, lo=3, hi=8), 10, 600, 3, True, "floored at min_workers 3"),
+        (ps(hi=20), 20, 10 * DEFAULT_SECONDS_PER_CLIP, 2, True, "need 2 workers"),  # default clip time
+        (ps(hi=0), 5, 600, 0, False, "no workers: never done"),
+    ],
+)
+def test_deadline(scaling, backlog, deadline_s, target, reachable, reason):
+    decision, estimate = decide(scaling, backlog, deadline_s)
+    assert decision.target_workers == estimate.workers == target
+    assert estimate.reachable is reachable
+    assert reason in decision.reason
+    assert (estimate.finish_s <= deadline_s) is reachable
+
+
+def test_deadline_finish_and_cost_arithmetic():
+    # a100_80 nodes: 8 slots at $5.12 each an hour. 100 clips, 90 s each, by 1800 s: a slot does 20,
+    # so ceil(100 / 160) = 1 node; 100 clips over 8 slots is 13 rounds of 90 s = 1170 s.
+    decision, est = decide(ps(A100, slots=8, hi=2, clip_s=90), 100, 1800)
+    assert (est.workers_needed, est.workers, est.finish_s) == (1, 1, 1170)
+    assert est.cost_dollars == pytest.approx(1 * 8 * 1170 / 3600 * 5.12)  # 13.312
+    assert "done in ~1170s" in decision.reason
+    # without a deadline: ceil(100/8) = 13 nodes capped at 2; 7 rounds
+    _, est = decide(ps(A100, slots=8, hi=2, clip_s=90), 100)
+    assert (est.workers_needed, est.workers, est.finish_s) == (13, 2, 630)
+    assert est.cost_dollars == pytest.approx(2 * 8 * 630 / 3600 * 5.12)
+    _, est = decide(ps(Pool("studio", "RTX4090", 24, 0.0), current=1, lo=1, hi=1), 30)
+    assert (est.finish_s, est.cost_dollars) == (30 * DEFAULT_SECONDS_PER_CLIP, 0.0)
+    _, est = decide(ps(hi=0), 5)
+    assert math.isinf(est.finish_s) and est.cost_dollars == 0.0
+
+
+@pytest.mark.parametrize(
+    ("by_pool", "by_needs", "deadline_s", "expected", "unroutable"),
+    [
+        ({"gpu24": 3}, {}, None, {"l4": 0, "gpu24": 3, "a100_80": 0}, 0),
+        ({}, {Requirements(): 7}, None, {"l4": 7, "gpu24": 0, "a100_80": 0}, 0),  # cheapest that fits
+        ({}, {Requirements(min_vram_gb=40): 7}, None, {"l4": 0, "gpu24": 0, "a100_80": 7}, 0),
+        ({}, {Requirements(gpu_type="a10g"): 2}, None, {"l4": 0, "gpu24": 2, "a100_80": 0}, 0),
+        ({"h100": 4}, {Requirements(min_vram_gb=200): 5}, None, {"l4": 0, "gpu24": 0, "a100_80": 0}, 9),
+        # by 600 s at 60 s/clip l4 (max 8) finishes 80 and gpu24 (max 8) 80; the rest go to a100_80
+        ({}, {Requirements(): 200}, 600, {"l4": 80, "gpu24": 80, "a100_80": 40}, 0),
+        # the A100-only group is placed first; the flexible one spills around it
+        ({}, {Requirements(): 170, Requirements(gpu_type="A100"): 150}, 600,
+         {"l4": 80, "gpu24": 80, "a100_80": 160}, 0),
+    ],
+)
+def test_route(by_pool, by_needs, deadline_s, expected, unroutable):
+    pools = [ps(A100, slots=8, hi=2, clip_s=60), ps(L4, clip_s=60), ps(A10G, clip_s=60)]
+    assert route(pools, by_pool, by_needs, deadline_s) == (expected, unroutable)
+
+
+def test_plan_deadline_spill_is_reachable_and_bundles():
+    pools = [ps(L4, clip_s=60), ps(A10G, clip_s=60), ps(A100, slots=8, hi=2, clip_s=60)]
+    result = plan(pools, by_needs={Requirements(): 200}, deadline_s=600)
+    targets = {d.pool: d.target_workers for d in result.decisions}
+    assert targets == {"l4": 8, "gpu24": 8, "a100_80": 1}  # a100_80: ceil(40 / (8 * 10))
+    assert result.reachable
+    assert result.cost_dollars == pytest.approx(8 * 0.80 * 600 / 3600 + 8 * 1.01 * 600 / 3600 + 8 * 5.12 * 300 / 3600)
+    bundles = resource_bundles(result)
+    assert len(bundles) == 8 + 8 + 8  # one per wanted slot
+    assert bundles.count({"farm_pool:a100_80": 1}) == 8 and bundles.count({"farm_pool:l4": 1}) == 8
+
+    late = plan(pools, by_needs={Requirements(): 1000}, deadline_s=600)
+    assert not late.reachable
+    assert "cannot be met" in next(d.reason for d in late.decisions if d.pool == "a100_80")
+
+
+def test_bundles_follow_targets_and_empty_withdraws():
+    decisions = [ScalingDecision("l4", 0, 3, "", 1), ScalingDecision("a100_80", 1, 1, "", 8),
+                 ScalingDecision("gpu24", 2, 0, "", 1)]
+    assert resource_bundles(decisions) == [{"farm_pool:l4": 1}] * 3 + [{"farm_pool:a100_80": 1}] * 8
+    idle = plan([ps(current=3, idle=SCALE_DOWN_IDLE_S)])
+    assert resource_bundles(idle) == []  # request nothing: idle nodes go after their timeout
+
+
+def test_pool_resource_name_matches_cluster():
+    from farm.cluster import POOL_RESOURCE
+    from farm.scaling import POOL_RESOURCE as SCALING_POOL_RESOURCE
+
+    assert SCALING_POOL_RESOURCE == POOL_RESOURCE
+
+
+@pytest.mark.parametrize("kwargs", [{"slots_per_worker": 0}, {"min_workers": 3, "max_workers": 2},
+                                    {"seconds_per_clip": 0.0}, {"min_workers": -1}])
+def test_pool_scaling_rejects_nonsense(kwargs):
+    base = {"pool": L4, "current_workers": 0, "max_workers": 2} | kwargs
+    with pytest.raises(ValueError):
+        PoolScaling(**base)
