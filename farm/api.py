@@ -14,18 +14,21 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from farm import __version__
-from farm.catalog import Catalog, CompactionReport, JobRecord, JobStatus, ResultFilter
-from farm.config import catalog_location
+from farm.catalog import Catalog, CompactionReport, JobRecord, JobStatus, ResultFilter, RunSummary
+from farm.config import CPUS_PER_CPU_RENDERER, catalog_location
 from farm.controller import CONTROLLER_NAME, NAMESPACE, JobProgress, get_or_start_controller
 from farm.errors import CatalogError, ClusterError, FarmError
-from farm.manifest import ManifestFile, expand, load_manifest
+from farm.manifest import ManifestFile, deadline_seconds, expand, load_manifest
 from farm.render import TestFaults
+from farm.scaling import PoolScaling, ScalingPlan
+from farm.scaling import plan as scaling_plan
 from farm.storage import open_sink
 from farm.task import Pool, Task
 
@@ -37,23 +40,12 @@ class Plan:
     expanded: int  # before identical tasks collapsed
     done: dict[str, str]  # task_id → output uri, for tasks already rendered into this output
     routes: dict[str, int]  # cheapest fitting pool → tasks to render that would go there first
+    scaling: ScalingPlan | None = None  # per pool: workers, finish time and cost for the rest
+    deadline_s: float | None = None  # the manifest's deadline, in seconds from planning
 
     @property
     def to_render(self) -> list[Task]:
         return [t for t in self.tasks if t.task_id not in self.done]
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What one job did, read back from the catalog."""
-
-    succeeded: int  # clips this job rendered
-    failed: int  # tasks that ended failed
-    attempts: int
-    interrupted: int
-    elapsed_s: float  # first attempt's start to last attempt's end (the whole wait if none ran)
-    busy_s: float  # sum over attempts of generate + encode + write time
-    state: str
 
 
 @dataclass(frozen=True)
@@ -63,8 +55,9 @@ class SubmitOutcome:
     catalog_root: str
     output: str
     recovered: int  # finished clips found in the output but missing from the catalog
-    run: RunSummary | None = None  # None when there was nothing to render
+    run: RunSummary | None = None  # None when there was nothing to render, or not waited for
     renderers: list = field(default_factory=list)  # per renderer: slot, pool, loads, load_s, pid
+    progress: JobProgress | None = None  # the last the controller said (a detached submit: at hand-over)
 
     @property
     def failed(self) -> int:
@@ -108,19 +101,50 @@ def _describe(pool: Pool) -> str:
     return f"{pool.name}: {pool.gpu_type or 'CPU'}, {vram}, ${pool.cost_per_hour:g}/h"
 
 
-def _pools_here(address: str | None) -> list[Pool]:
-    """The pools a plan routes to: the cluster's when one is named, else this machine's."""
-    if address:
-        from farm import cluster
+def _pool_scalings(address: str | None, cluster_config: str | Path | None = None) -> list[PoolScaling]:
+    """The pools a plan routes to and sizes: a named cluster's (with what its autoscaler can
+    start), else those of a cluster-launcher config (``cluster_config`` or FARM_CLUSTER_CONFIG,
+    read offline), else this machine's."""
+    from farm import cluster
 
+    if address:
         info = cluster.connect(address)
         try:
-            return [c.pool for c in cluster.discover_pools()]
+            return _cluster_scalings()
         finally:
             cluster.disconnect(info)
-    from farm.cluster import LOCAL_POOL
+    node_types = cluster.autoscaler_node_types(str(cluster_config) if cluster_config else None) \
+        if cluster_config or os.environ.get("FARM_CLUSTER_CONFIG") else []
+    if node_types:
+        return [PoolScaling(t.pool, 0, t.slots_per_node, t.min_workers, t.max_workers) for t in node_types]
+    slots = max(1, (os.cpu_count() or 1) // CPUS_PER_CPU_RENDERER)
+    return [PoolScaling(Pool(cluster.LOCAL_POOL), 1, slots, 1, 1)]
 
-    return [Pool(LOCAL_POOL)]
+
+def _fixed(capacity) -> PoolScaling:
+    nodes = max(1, len(capacity.nodes))
+    return PoolScaling(capacity.pool, nodes, max(1, capacity.slots // nodes), nodes, nodes)
+
+
+def _cluster_scalings() -> list[PoolScaling]:
+    """Pools with nodes now, and those the cluster's autoscaler can start nodes for, with the
+    clip times the controller has measured on each."""
+    from farm import cluster
+
+    controller = _running_controller() or get_or_start_controller(_named_catalog(None))
+    status = _call(controller.scaling_status.remote())
+    measured = status["clip_seconds"]
+    capacity = {c.pool.name: c for c in cluster.discover_pools()}
+    out = {}
+    for t in status["node_types"]:
+        name = t["pool"]["name"]
+        cap = capacity.get(name)
+        out[name] = PoolScaling(Pool(**t["pool"]), len(cap.nodes) if cap else 0, t["slots_per_node"],
+                                t["min_workers"], t["max_workers"], measured.get(name))
+    for name, cap in capacity.items():
+        if name not in out:  # a fixed pool: workstations that joined by hand
+            out[name] = replace(_fixed(cap), seconds_per_clip=measured.get(name))
+    return list(out.values())
 
 
 def plan(
@@ -129,20 +153,79 @@ def plan(
     catalog_root: str | Path | None = None,
     address: str | None = None,
     pools: list[Pool] | None = None,
+    *,
+    loaded: ManifestFile | None = None,
+    done: Callable[[list[str], str], dict[str, str]] | None = None,
+    scalings: list[PoolScaling] | None = None,
+    cluster_config: str | Path | None = None,
 ) -> Plan:
-    mf = load_manifest(manifest_path, output_override=output)
+    """What submitting would do: tasks, already done, routes, and per pool the workers, time and
+    cost to render the rest (by the manifest's deadline, if it has one). ``loaded`` is the
+    manifest if the caller has read it already; ``done`` answers "already rendered?" (default:
+    the local catalog); ``pools`` or ``scalings`` replace the pools looked up."""
+    mf = loaded or load_manifest(manifest_path, output_override=output)
     expansion = expand(mf)
     sink = open_sink(mf.target)
     if hasattr(sink, "check_writable"):  # an unreachable bucket is an input error, found before rendering
         sink.check_writable()
-    done = _catalog(catalog_root).done([t.task_id for t in expansion.tasks], mf.output)
-    to_render = [t for t in expansion.tasks if t.task_id not in done]
-    routes = route(to_render, pools if pools is not None else _pools_here(address))
-    return Plan(mf, expansion.tasks, expansion.expanded, done, routes)
+    ids = [t.task_id for t in expansion.tasks]
+    already = done(ids, mf.output) if done else _catalog(catalog_root).done(ids, mf.output)
+    to_render = [t for t in expansion.tasks if t.task_id not in already]
+    if scalings is None:
+        scalings = [PoolScaling(p, 1, 1, 1, 1) for p in pools] if pools is not None else \
+            _pool_scalings(address, cluster_config)
+    routes = route(to_render, [s.pool for s in scalings])
+    measured = None if done else _catalog(catalog_root).mean_clip_seconds(mf.model.identity)
+    if measured:  # pools without their own measurement take this catalog's
+        scalings = [s if s.seconds_per_clip else replace(s, seconds_per_clip=measured) for s in scalings]
+    deadline = mf.manifest.deadline
+    deadline_s = deadline_seconds(deadline, datetime.now(UTC)) if deadline is not None else None
+    estimate = scaling_plan(scalings, by_needs=Counter(t.needs for t in to_render), deadline_s=deadline_s,
+                            idle_grace_s=float("inf")) if to_render else None
+    return Plan(mf, expansion.tasks, expansion.expanded, already, routes, estimate, deadline_s)
 
 
 def _new_job_id(campaign: str) -> str:
     return f"{campaign}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _call(ref, timeout: float | None = None):
+    """ray.get, with a FarmError raised inside the controller re-raised here as itself."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref, timeout=timeout)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, FarmError):
+            raise exc.cause from None
+        raise
+
+
+def _named_catalog(catalog_root: str | Path | None) -> str | None:
+    """The catalog a client asks a cluster's controller to use when it starts one. The cluster
+    keeps its own (the head's FARM_CATALOG) unless this client was told where (argument or
+    environment)."""
+    if catalog_root or os.environ.get("FARM_CATALOG") or os.environ.get("FARM_HOME"):
+        return _catalog(catalog_root).location
+    return None
+
+
+def _running_controller():
+    import ray
+
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _controller_on(address: str):
+    controller = _running_controller()
+    if controller is None:
+        raise ClusterError(f"no farm controller runs on the cluster at {address}",
+                           hint="submit a job there first (farm submit --address), or check the address")
+    return controller
 
 
 def submit(
@@ -155,58 +238,81 @@ def submit(
     on_progress: Callable[[JobProgress], None] | None = None,
     on_plan: Callable[[Plan, str], None] | None = None,
     test_faults: TestFaults | None = None,
+    wait: bool = True,
 ) -> SubmitOutcome:
-    """Hand every task of a manifest not yet done to the cluster's controller and follow the job
-    until it ends. ``workers`` sizes an embedded Ray (renderer slots on this machine)."""
-    import ray
-
+    """Hand every task of a manifest not yet done to the cluster's controller and, with ``wait``,
+    follow the job until it ends. Without ``address`` farm runs an embedded Ray for the job (and
+    always waits: the job ends with it); ``workers`` sizes it. With ``address`` the job goes to
+    that cluster's controller, which records it in its own catalog and runs it whether or not
+    this client stays."""
     from farm import cluster
 
     if test_faults is None and os.environ.get("FARM_TEST_FAULTS"):
         test_faults = TestFaults(**json.loads(os.environ["FARM_TEST_FAULTS"]))
-    catalog = _catalog(catalog_root)
+    local_catalog = _catalog(catalog_root)
     mf = load_manifest(manifest_path, output_override=output)
     expand(mf)  # a bad manifest is reported before any Ray starts
+    submitted_at = datetime.now(UTC)
     # Reach the cluster before recording anything: a wrong --address leaves no half-started job.
     info = cluster.connect(address, num_cpus=workers)
     try:
-        job_plan = plan(manifest_path, output, catalog.location, pools=[c.pool for c in cluster.discover_pools()])
-        controller = get_or_start_controller(catalog.location) if job_plan.to_render else None
+        if not info.embedded:
+            controller = get_or_start_controller(_named_catalog(catalog_root))
+            location = _call(controller.ping.remote())["catalog"]
+            job_plan = plan(manifest_path, loaded=mf, scalings=_cluster_scalings(),
+                            done=lambda ids, out: _call(controller.done.remote(ids, out)))
+        else:
+            location = local_catalog.location
+            job_plan = plan(manifest_path, loaded=mf, catalog_root=location,
+                            scalings=[_fixed(c) for c in cluster.discover_pools()])
+            controller = get_or_start_controller(location) if job_plan.to_render else None
         job_id = _new_job_id(mf.manifest.campaign)
-        catalog.record_tasks(job_id, job_plan.tasks)
-        catalog.record_job(_job_record(job_id, manifest_path, job_plan))
+        record = _job_record(job_id, manifest_path, job_plan, submitted_at)
         if on_plan:
             on_plan(job_plan, job_id)
-        if controller is None:
-            catalog.record_event(job_id, "finished", "nothing to render")
-            return SubmitOutcome(job_id, job_plan, catalog.location, mf.output, 0)
+        if controller is None:  # embedded and nothing to render: no controller needed to say so
+            local_catalog.record_tasks(job_id, job_plan.tasks)
+            local_catalog.record_job(record)
+            local_catalog.record_event(job_id, "finished", "nothing to render")
+            return SubmitOutcome(job_id, job_plan, location, mf.output, 0)
         started = time.monotonic()
         try:
-            progress = ray.get(controller.submit.remote(job_id, test_faults))
-            while progress.state in ("running", "cancelling"):
-                if on_progress:
-                    on_progress(progress)
-                time.sleep(_POLL_S)
-                progress = ray.get(controller.progress.remote(job_id))
-            if on_progress:
-                on_progress(progress)
-        except BaseException:  # Ctrl-C, lost cluster: keep what is done, say so in the catalog
-            if info.embedded:
+            progress = _call(controller.submit_job.remote(record, job_plan.tasks, test_faults))
+            if not wait:
+                return SubmitOutcome(job_id, job_plan, location, mf.output, 0, progress=progress)
+            progress = follow(controller, progress, on_progress)
+        except BaseException:  # Ctrl-C, lost cluster
+            if info.embedded:  # the job goes down with this process: keep what is done, say so
                 _stop_embedded(controller)
-            catalog.record_event(job_id, "interrupted", "the submitting client stopped")
+                local_catalog.record_event(job_id, "interrupted", "the submitting client stopped")
             raise
-        renderers = ray.get(controller.renderer_stats.remote())
+        renderers = _call(controller.renderer_stats.remote())
         if info.embedded:
             _stop_embedded(controller)
-        summary = _summarize(catalog, job_id, time.monotonic() - started, progress.state)
-        recovered = summary_recovered(catalog, job_id)
-        return SubmitOutcome(job_id, job_plan, catalog.location, mf.output, recovered, summary, renderers)
+        summary = _call(controller.run_summary.remote(job_id, time.monotonic() - started, progress.state)) \
+            if not info.embedded else Catalog(location).run_summary(job_id, time.monotonic() - started,
+                                                                    progress.state)
+        return SubmitOutcome(job_id, job_plan, location, mf.output, summary.recovered, summary, renderers,
+                             progress)
     finally:
         if info.embedded:
             cluster.disconnect(info)
 
 
 _POLL_S = 0.25
+
+
+def follow(controller, progress: JobProgress, on_progress: Callable[[JobProgress], None] | None = None,
+           poll_s: float = _POLL_S) -> JobProgress:
+    """Poll a job's progress until it ends."""
+    while progress.state in ("running", "cancelling"):
+        if on_progress:
+            on_progress(progress)
+        time.sleep(poll_s)
+        progress = _call(controller.progress.remote(progress.job_id))
+    if on_progress:
+        on_progress(progress)
+    return progress
 
 
 def _stop_embedded(controller) -> None:
@@ -218,13 +324,14 @@ def _stop_embedded(controller) -> None:
         ray.get(controller.shutdown.remote(), timeout=30)
 
 
-def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan) -> JobRecord:
+def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan, submitted_at: datetime) -> JobRecord:
     mf = job_plan.manifest
     options = {k: v for k, v in asdict(mf.target.options).items() if v is not None}
+    deadline = mf.manifest.deadline
     return JobRecord(
         job_id=job_id,
         campaign=mf.manifest.campaign,
-        submitted_at=datetime.now(UTC),
+        submitted_at=submitted_at,
         user=getpass.getuser(),
         host=socket.gethostname(),
         manifest_path=str(Path(manifest_path).resolve()),
@@ -238,52 +345,25 @@ def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan) -> JobRe
         priority=mf.manifest.priority,
         timeout_s=mf.manifest.timeout_s,
         storage_json=json.dumps(options),
+        deadline_at=(submitted_at + timedelta(seconds=deadline_seconds(deadline, submitted_at))
+                     if deadline is not None else None),
     )
-
-
-def _summarize(catalog: Catalog, job_id: str, elapsed_s: float, state: str) -> RunSummary:
-    rows = catalog.attempts(job_id, columns=["status", "final", "recovered", "generate_s", "encode_s",
-                                              "write_s", "started_at", "finished_at"]).to_pylist()
-    made = [r for r in rows if not r["recovered"]]
-    if made:  # the rendering makespan: first attempt's start to last attempt's end
-        elapsed_s = (max(r["finished_at"] for r in made) - min(r["started_at"] for r in made)).total_seconds()
-    return RunSummary(
-        succeeded=sum(r["status"] == "succeeded" for r in made),
-        failed=sum(r["status"] == "failed" and r["final"] for r in made),
-        attempts=sum(r["status"] in ("succeeded", "failed") for r in made),
-        interrupted=sum(r["status"] == "interrupted" for r in made),
-        elapsed_s=elapsed_s,
-        busy_s=sum((r["generate_s"] or 0) + (r["encode_s"] or 0) + (r["write_s"] or 0) for r in made),
-        state=state,
-    )
-
-
-def summary_recovered(catalog: Catalog, job_id: str) -> int:
-    rows = catalog.attempts(job_id, columns=["recovered"]).column("recovered").to_pylist()
-    return sum(bool(r) for r in rows)
 
 
 def cancel(job_id: str, address: str | None = None, catalog_root: str | Path | None = None) -> dict:
     """Stop a running job: no new dispatch, running attempts stopped within seconds."""
-    import ray
-
     from farm import cluster
 
-    catalog = _catalog(catalog_root)
-    job = catalog.job(job_id)
     if not address:
         raise FarmError("cancel needs the cluster the job runs on", field="--address",
                         hint="give --address HOST:PORT (a job on an embedded Ray stops with its farm submit)")
     info = cluster.connect(address)
     try:
-        try:
-            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-        except ValueError:
-            raise ClusterError(f"no farm controller runs on the cluster at {address}",
-                               hint="the job is not running there; see farm status") from None
-        progress = ray.get(controller.cancel.remote(job.job_id))
+        controller = _controller_on(address)
+        job_status, _ = _call(controller.job_status.remote(job_id))
+        progress = _call(controller.cancel.remote(job_status.job.job_id))
         if progress is None:
-            raise CatalogError(f"job {job.job_id} is not running on the cluster at {address}",
+            raise CatalogError(f"job {job_status.job.job_id} is not running on the cluster at {address}",
                                hint="see farm status; re-submit the manifest to run it again")
         return asdict(progress)
     finally:
@@ -291,40 +371,73 @@ def cancel(job_id: str, address: str | None = None, catalog_root: str | Path | N
 
 
 def pools(address: str | None = None) -> list[dict]:
-    """The cluster's pools, their nodes, renderers and what they are doing."""
-    import ray
-
+    """The cluster's pools, their nodes, renderers and what they are doing; with an autoscaler,
+    also the pools it can start and what the controller asked it for."""
     from farm import cluster
 
     info = cluster.connect(address)
     try:
-        discovered = cluster.discover_pools()
-        try:
-            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-            live = {p["pool"]: p for p in ray.get(controller.pools.remote())}
-        except ValueError:
-            live = {}
-        return [{"pool": c.pool.name, "gpu_type": c.pool.gpu_type, "vram_gb": c.pool.vram_gb,
-                 "cost_per_hour": c.pool.cost_per_hour, "slots": c.slots, "nodes": list(c.nodes),
-                 "renderers": live.get(c.pool.name, {}).get("renderers", [])} for c in discovered]
+        discovered = {c.pool.name: c for c in cluster.discover_pools()}
+        controller = _running_controller()
+        live = {p["pool"]: p for p in _call(controller.pools.remote())} if controller else {}
+        scaling = _call(controller.scaling_status.remote()) if controller else {}
+        targets = {d["pool"]: d for d in scaling.get("decisions", [])}
+        names = list(discovered) + [t["pool"]["name"] for t in scaling.get("node_types", [])
+                                    if t["pool"]["name"] not in discovered]
+        rows = []
+        for name in names:
+            cap = discovered.get(name)
+            pool = cap.pool if cap else Pool(**next(t["pool"] for t in scaling["node_types"]
+                                                     if t["pool"]["name"] == name))
+            rows.append({"pool": name, "gpu_type": pool.gpu_type, "vram_gb": pool.vram_gb,
+                         "cost_per_hour": pool.cost_per_hour, "slots": cap.slots if cap else 0,
+                         "nodes": list(cap.nodes) if cap else [],
+                         "renderers": live.get(name, {}).get("renderers", []),
+                         "target_nodes": targets[name]["target_workers"] if name in targets else None,
+                         "scaling": targets[name]["reason"] if name in targets else ""})
+        return rows
     finally:
         if info.embedded:
             cluster.disconnect(info)
 
 
-def jobs(catalog_root: str | Path | None = None) -> list[JobStatus]:
+def _from_cluster(address: str, method: str, *args):
+    from farm import cluster
+
+    info = cluster.connect(address)
+    try:
+        return _call(getattr(_controller_on(address), method).remote(*args))
+    finally:
+        cluster.disconnect(info)
+
+
+def jobs(catalog_root: str | Path | None = None, address: str | None = None) -> list[JobStatus]:
+    if address:
+        return _from_cluster(address, "job_statuses")
     catalog = _catalog(catalog_root)
     return catalog.statuses(catalog.jobs())
 
 
-def status(job_id: str, catalog_root: str | Path | None = None) -> JobStatus:
+def status(job_id: str, catalog_root: str | Path | None = None, address: str | None = None) -> JobStatus:
+    """A job's status from the catalog (with ``address``, the cluster controller's catalog)."""
+    return live_status(job_id, catalog_root, address)[0]
+
+
+def live_status(
+    job_id: str, catalog_root: str | Path | None = None, address: str | None = None
+) -> tuple[JobStatus, JobProgress | None]:
+    """A job's status, and with ``address`` its live progress on the cluster (None once it ended)."""
+    if address:
+        return _from_cluster(address, "job_status", job_id)
     catalog = _catalog(catalog_root)
-    return catalog.status(catalog.job(job_id))
+    return catalog.status(catalog.job(job_id)), None
 
 
 def results(
-    job_id: str, keep: ResultFilter | None = None, catalog_root: str | Path | None = None
+    job_id: str, keep: ResultFilter | None = None, catalog_root: str | Path | None = None, address: str | None = None
 ) -> tuple[JobRecord, list[dict]]:
+    if address:
+        return _from_cluster(address, "job_results", job_id, keep)
     catalog = _catalog(catalog_root)
     job = catalog.job(job_id)
     return job, catalog.results(job, keep)

@@ -38,7 +38,7 @@ from farm.config import CATALOG_BATCH_ROWS, CATALOG_BATCH_SECONDS
 from farm.errors import CatalogError
 from farm.task import AttemptStatus, ModelRef, RenderSettings, Requirements, Result, Task, TaskStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # v2: attempt_uid, storage, job priority/timeout/storage; v3: job deadline_at
 _TS = pa.timestamp("ms", tz="UTC")
 _REPLACES = b"farm.replaces"  # schema metadata of a compacted file: the files it replaces
 
@@ -105,6 +105,8 @@ JOB_SCHEMA = pa.schema(
         ("priority", pa.int32()),
         ("timeout_s", pa.float64()),
         ("storage_json", pa.string()),  # StorageOptions of the output, never credentials
+        # v3: when the job should be done (manifest deadline:); null without one
+        ("deadline_at", _TS),
     ]
 )
 
@@ -155,10 +157,25 @@ class JobRecord:
     priority: int = 0
     timeout_s: float = 600.0
     storage_json: str = "{}"
+    deadline_at: datetime | None = None
 
     @property
     def task_count(self) -> int:
         return len(self.task_ids)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one job did, read back from the catalog."""
+
+    succeeded: int  # clips this job rendered
+    failed: int  # tasks that ended failed
+    attempts: int
+    interrupted: int
+    elapsed_s: float  # first attempt's start to last attempt's end (the whole wait if none ran)
+    busy_s: float  # sum over attempts of generate + encode + write time
+    state: str
+    recovered: int = 0  # finished clips found in the output whose catalog row was missing, adopted
 
 
 @dataclass(frozen=True)
@@ -426,6 +443,35 @@ class Catalog:
             if status == AttemptStatus.SUCCEEDED and root == output_root and task_id in wanted:
                 out[task_id] = uri
         return out
+
+    def run_summary(self, job_id: str, elapsed_s: float, state: str) -> RunSummary:
+        """What a job's own attempts did (clips adopted from an earlier run are not counted)."""
+        rows = self.attempts(job_id, columns=["status", "final", "recovered", "generate_s", "encode_s",
+                                               "write_s", "started_at", "finished_at"]).to_pylist()
+        made = [r for r in rows if not r["recovered"]]
+        if made:  # the rendering makespan: first attempt's start to last attempt's end
+            elapsed_s = (max(r["finished_at"] for r in made) - min(r["started_at"] for r in made)).total_seconds()
+        return RunSummary(
+            succeeded=sum(r["status"] == "succeeded" for r in made),
+            failed=sum(r["status"] == "failed" and r["final"] for r in made),
+            attempts=sum(r["status"] in ("succeeded", "failed") for r in made),
+            interrupted=sum(r["status"] == "interrupted" for r in made),
+            elapsed_s=elapsed_s,
+            busy_s=sum((r["generate_s"] or 0) + (r["encode_s"] or 0) + (r["write_s"] or 0) for r in made),
+            state=state,
+            recovered=len(rows) - len(made),
+        )
+
+    def mean_clip_seconds(self, model_identity: str) -> float | None:
+        """Mean render + encode + write seconds of this model's clips rendered so far (None: none yet)."""
+        table = self.attempts(columns=["model_identity", "status", "recovered", "generate_s", "encode_s", "write_s"])
+        total, clips = 0.0, 0
+        for model, status, recovered, *seconds in zip(*(table.column(c).to_pylist() for c in table.column_names),
+                                                      strict=True):
+            if model == model_identity and status == AttemptStatus.SUCCEEDED and not recovered:
+                total += sum(x or 0.0 for x in seconds)
+                clips += 1
+        return total / clips if clips else None
 
     def status(self, job: JobRecord) -> JobStatus:
         return self.statuses([job])[0]

@@ -30,7 +30,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+class _Stdout:
+    """The command's own output stream. Under main() it is the real stdout, and sys.stdout is
+    pointed at stderr: Ray prints cluster events (a node died…) to sys.stdout from a background
+    thread, and they must not end up inside the JSON a script reads."""
+
+    real = None
+
+    def write(self, text: str) -> int:
+        return (self.real or sys.stdout).write(text)
+
+    def flush(self) -> None:
+        (self.real or sys.stdout).flush()
+
+    def isatty(self) -> bool:
+        return (self.real or sys.stdout).isatty()
+
+
+stdout = _Stdout()
+out = Console(file=stdout, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -63,7 +81,22 @@ OutputOpt = Annotated[
 
 
 def _json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _scaling_dict(scaling) -> dict | None:
+    if scaling is None:
+        return None
+    reasons = {d.pool: d.reason for d in scaling.decisions}
+    return {
+        "reachable": scaling.reachable,
+        "cost_dollars": round(scaling.cost_dollars, 2),
+        "unroutable": scaling.unroutable,
+        "pools": {e.pool: {"tasks": e.backlog, "workers": e.workers, "workers_needed": e.workers_needed,
+                           "finish_s": e.finish_s if e.finish_s != float("inf") else None,
+                           "cost_dollars": e.cost_dollars, "reachable": e.reachable, "reason": reasons[e.pool]}
+                  for e in scaling.estimates},
+    }
 
 
 def _duration(seconds: float | None) -> str:
@@ -91,11 +124,14 @@ def plan(
     output: OutputOpt = None,
     address: Annotated[str | None, typer.Option(help="Route against this Ray cluster's pools.")] = None,
     show: Annotated[int, typer.Option(help="List this many of the tasks that will render.")] = 10,
+    cluster_config: Annotated[Path | None, typer.Option(
+        help="Estimate for the pools of this cluster-launcher config (e.g. cluster.yaml), offline.")] = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Show what submitting a manifest would do: tasks, already done, to render, and which pool
-    each would go to."""
-    p = api.plan(manifest, output, address=address)
+    """Show what submitting a manifest would do: tasks, already done, to render, which pool each
+    would go to, and per pool the workers, time and cost to render them (by the manifest's
+    deadline, if it gives one)."""
+    p = api.plan(manifest, output, address=address, cluster_config=cluster_config)
     mf = p.manifest
     summary = {
         "campaign": mf.manifest.campaign,
@@ -109,6 +145,8 @@ def plan(
         "max_attempts": mf.max_attempts,
         "priority": mf.manifest.priority,
         "routes": p.routes,
+        "deadline_s": round(p.deadline_s) if p.deadline_s is not None else None,
+        "scaling": _scaling_dict(p.scaling),
     }
     if fmt is Format.json:
         summary["to_render_tasks"] = [
@@ -120,9 +158,27 @@ def plan(
         _json(summary)
         return
     for key, value in summary.items():
+        if key == "scaling":
+            continue
         if key == "routes":
             value = ", ".join(f"{n} tasks → pool {pool}" for pool, n in value.items()) or "nothing to route"
+        if key == "deadline_s":
+            key, value = "deadline", (f"in {_duration(value)}" if value is not None else "none")
         out.print(f"{key.replace('_', ' '):>20}: {value}", markup=False)
+    if p.scaling:
+        table = Table(title="to render it" + (" by the deadline" if p.deadline_s is not None else ""))
+        for column in ("pool", "tasks", "workers", "done in", "cost", ""):
+            table.add_column(column)
+        reasons = {d.pool: d.reason for d in p.scaling.decisions}
+        for e in p.scaling.estimates:
+            if e.backlog:
+                table.add_row(e.pool, str(e.backlog), str(e.workers), _duration(e.finish_s)
+                              if e.finish_s != float("inf") else "never", f"${e.cost_dollars:,.2f}",
+                              "" if e.reachable else "[red]misses the deadline[/red]")
+        out.print(table)
+        for e in p.scaling.estimates:
+            if e.backlog:
+                out.print(f"  {e.pool}: {reasons[e.pool]}", markup=False, highlight=False)
     if p.to_render and show > 0:
         table = Table(title=f"first {min(show, len(p.to_render))} of {len(p.to_render)} to render")
         for column in ("task", "size", "seed", "prompt"):
@@ -142,9 +198,15 @@ def submit(
         typer.Option(min=1, help="Renderer slots of an embedded Ray; default one per GPU, else one per core."),
     ] = None,
     output: OutputOpt = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="With --address: follow the job until it ends (default: hand it over and return).")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Render every task of a manifest that is not done yet, and catalog every attempt."""
+    """Render every task of a manifest that is not done yet, and catalog every attempt.
+
+    Without --address the job runs on an embedded Ray and the command waits for it. With
+    --address it goes to that cluster's controller and the command returns at once (--wait
+    follows it); the job runs on whether or not this shell stays."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     show = fmt is Format.table
@@ -176,9 +238,35 @@ def submit(
                             detail=f"done {pr.succeeded - len(plan_done)} · failed {pr.failed} · "
                                    f"{pr.renderers} renderers · ETA {_duration(pr.eta_s)}{waiting}")
 
-    with progress:
-        result = api.submit(manifest, address=address, workers=workers, output=output,
-                            on_progress=on_progress, on_plan=on_plan)
+    follow = wait or not address
+    job_ids: list[str] = []
+
+    def remember(p: api.Plan, job_id: str) -> None:
+        job_ids.append(job_id)
+        on_plan(p, job_id)
+
+    try:
+        with progress:
+            result = api.submit(manifest, address=address, workers=workers, output=output,
+                                on_progress=on_progress if follow else None, on_plan=remember, wait=follow)
+    except KeyboardInterrupt:
+        if address and job_ids:  # only this shell stopped: the cluster's controller runs the job on
+            err.print(f"stopped following; job {job_ids[0]} goes on on the cluster — "
+                      f"farm status {job_ids[0]} --address {address}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise
+    if result.run is None and result.progress is not None:  # handed over, not followed
+        p = result.progress
+        data = {"job_id": result.job_id, "state": p.state, "tasks": p.total, "already_done": p.succeeded,
+                "to_render": p.total - p.succeeded, "catalog": result.catalog_root, "outputs": result.output}
+        if show:
+            out.print(f"job {result.job_id} handed to the cluster at {address}: {data['to_render']} to render, "
+                      f"{data['already_done']} already done")
+            out.print(f"follow it:  farm status {result.job_id} --address {address}")
+            out.print(f"stop it:    farm cancel {result.job_id} --address {address}")
+        else:
+            _json(data)
+        raise typer.Exit(EXIT_OK)
     run = result.run
     summary = {
         "job_id": result.job_id,
@@ -261,10 +349,15 @@ def _status_dict(s) -> dict:
     }
 
 
+ClusterOpt = Annotated[
+    str | None, typer.Option("--address", help="Ask this Ray cluster's farm controller (its catalog), HOST:PORT.")
+]
+
+
 @app.command()
-def jobs(fmt: FormatOpt = Format.table) -> None:
+def jobs(address: ClusterOpt = None, fmt: FormatOpt = Format.table) -> None:
     """List the jobs in the catalog, oldest first."""
-    rows = [_status_dict(s) for s in api.jobs()]
+    rows = [_status_dict(s) for s in api.jobs(address=address)]
     if fmt is Format.json:
         _json(rows)
         return
@@ -283,10 +376,17 @@ def jobs(fmt: FormatOpt = Format.table) -> None:
 @app.command()
 def status(
     job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or a campaign name for its newest job).")],
+    address: ClusterOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Where a job stands: tasks succeeded, failed, pending."""
-    data = _status_dict(api.status(job))
+    """Where a job stands: tasks succeeded, failed, pending (with --address, live from the cluster)."""
+    job_status, live = api.live_status(job, address=address)
+    data = _status_dict(job_status)
+    if live is not None:  # the controller's own count, ahead of the catalog's batches
+        data.update({"state": live.state, "succeeded": live.succeeded, "failed": live.failed,
+                     "pending": live.total - live.succeeded - live.failed, "running": live.in_flight,
+                     "queued": live.queued, "renderers": live.renderers,
+                     "eta_s": round(live.eta_s, 1) if live.eta_s is not None else None})
     if fmt is Format.json:
         _json(data)
         return
@@ -338,10 +438,11 @@ def results(
     since: Annotated[str | None, typer.Option(help="Finished at or after: ISO time or age (30m, 2h, 7d).")] = None,
     until: Annotated[str | None, typer.Option(help="Finished at or before: ISO time or age.")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    address: ClusterOpt = None,
 ) -> None:
     """One row per task of a job: its clip, or its last error. Filter, then show or export."""
     keep = ResultFilter(status_filter, _where(where or []), _when(since, "--since"), _when(until, "--until"))
-    _, rows = api.results(job, keep)
+    _, rows = api.results(job, keep, address=address)
     if fmt is ResultsFormat.parquet:
         if out_path is None:
             raise FarmError("parquet needs a file", field="--format", hint="add --out results.parquet")
@@ -378,7 +479,7 @@ def results(
                             + [r["variant"].get(k, "") for k in variant_keys])
         text = buffer.getvalue()
     if out_path is None:
-        sys.stdout.write(text)
+        stdout.write(text)
     else:
         out_path.write_text(text)
         err.print(f"{len(rows)} rows written to {out_path}")
@@ -448,6 +549,7 @@ def monitor_status(fmt: FormatOpt = Format.table) -> None:
 
 
 def main() -> None:
+    stdout.real, sys.stdout = sys.stdout, sys.stderr
     try:
         # Without standalone mode click hands back typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -3,10 +3,12 @@ renderer actors in them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S
 from farm.errors import ClusterError
@@ -32,6 +34,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
         if address:
             _check_reachable(address)
+            _check_authenticated(address)
             try:
                 ray.init(address=address, **quiet)
             except Exception as exc:  # ConnectionError, auth failures, bad addresses
@@ -78,6 +81,57 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def _check_authenticated(address: str) -> None:
+    """A cluster with token authentication refuses a client without its token: say so in one line,
+    in a second, instead of Ray's retries and a bare "Failed to connect" twenty seconds later."""
+    if address == "auto":
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and not _token_available():
+        # Ray's client would abort the whole process here (a failed internal check).
+        raise ClusterError(
+            "RAY_AUTH_MODE=token is set but this client has no token for the cluster",
+            field="--address",
+            hint="set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, or copy it to "
+            "~/.ray/auth_token; see 'Security' in the README",
+        )
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _stderr_silenced():  # Ray's C++ client logs each refused attempt on stderr
+            GcsClient(address=address)
+    except AuthenticationError:
+        raise ClusterError(
+            f"the Ray cluster at {address} refused this client: token authentication is on and this "
+            "client's token is missing or wrong",
+            field="--address",
+            hint="set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, or copy it to "
+            "~/.ray/auth_token; see 'Security' in the README",
+        ) from None
+    except Exception:  # anything else: let ray.init report it
+        return
+
+
+def _token_available() -> bool:
+    """Where Ray ≥ 2.52 looks for a client's token, in its order."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    return Path(path).expanduser().is_file()
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def disconnect(info: ClusterInfo) -> None:
     """Stop the embedded Ray farm started; leave a cluster farm only joined (or a caller's own) alone."""
     import ray
@@ -91,6 +145,52 @@ GPU_TYPE_RESOURCE = "farm_gpu:"  # farm_gpu:<type> = 1
 VRAM_RESOURCE = "farm_vram_gb"  # GPU memory of each of the node's GPUs
 COST_RESOURCE = "farm_cost_cents_per_hour"  # what one renderer slot costs an hour (Ray wants whole numbers)
 LOCAL_POOL = "local"
+
+
+def pools_offered(resources: dict) -> list[tuple[Pool, int]]:
+    """The pools a node with these resources offers, and its renderer slots in each."""
+    gpu_type = next((k[len(GPU_TYPE_RESOURCE):] for k in resources if k.startswith(GPU_TYPE_RESOURCE)), None)
+    return [(Pool(key[len(POOL_RESOURCE):], gpu_type, resources.get(VRAM_RESOURCE),
+                  float(resources.get(COST_RESOURCE, 0.0)) / 100), int(count))
+            for key, count in resources.items() if key.startswith(POOL_RESOURCE)]
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A worker node type the cluster's autoscaler can launch, and the farm pool its nodes join."""
+
+    name: str
+    pool: Pool
+    slots_per_node: int
+    min_workers: int
+    max_workers: int
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head
+
+
+def autoscaler_node_types(config_path: str | None = None) -> list[NodeType]:
+    """The farm pools the autoscaler can start nodes for, from a cluster-launcher config:
+    ``config_path``, else FARM_CLUSTER_CONFIG, else the copy `ray up` leaves on the head node.
+    None found: the cluster is fixed-size (nothing to scale)."""
+    import yaml
+
+    path = Path(config_path or os.environ.get("FARM_CLUSTER_CONFIG") or BOOTSTRAP_CONFIG).expanduser()
+    if not path.is_file():
+        if config_path:
+            raise ClusterError(f"no cluster config at {path}", hint="give the cluster.yaml used with 'ray up'")
+        return []
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ClusterError(f"cannot read the cluster config {path}: {str(exc).splitlines()[0]}",
+                           hint="check it with 'ray up --no-restart' or fix the YAML") from None
+    out = []
+    for name, spec in sorted((config.get("available_node_types") or {}).items()):
+        for pool, slots in pools_offered(spec.get("resources") or {}):
+            out.append(NodeType(name, pool, slots, int(spec.get("min_workers", 0)),
+                                int(spec.get("max_workers", config.get("max_workers", 0)))))
+    return out
 
 
 @dataclass(frozen=True)
@@ -112,23 +212,19 @@ def discover_pools(nodes: list[dict] | None = None) -> list[PoolCapacity]:
     pools: dict[str, dict] = {}
     for node in alive:
         resources = node.get("Resources", {})
-        for key, count in resources.items():
-            if not key.startswith(POOL_RESOURCE):
-                continue
-            name = key[len(POOL_RESOURCE):]
-            gpu_type = next((k[len(GPU_TYPE_RESOURCE):] for k in resources if k.startswith(GPU_TYPE_RESOURCE)), None)
-            entry = pools.setdefault(name, {"slots": 0, "nodes": [], "gpu_type": gpu_type,
-                                            "vram": resources.get(VRAM_RESOURCE),
-                                            "cost": resources.get(COST_RESOURCE, 0.0) / 100,
-                                            "gpus": resources.get("GPU", 0.0)})
-            entry["slots"] += int(count)
+        for pool, slots in pools_offered(resources):
+            entry = pools.setdefault(pool.name, {"pool": pool, "slots": 0, "nodes": [],
+                                                 "gpus": resources.get("GPU", 0.0)})
+            entry["slots"] += slots
             entry["nodes"].append(node["NodeID"])
     if pools:
-        return [PoolCapacity(Pool(name, e["gpu_type"], e["vram"], float(e["cost"])), e["slots"], tuple(e["nodes"]),
-                             1.0 if e["gpus"] else 0.0) for name, e in sorted(pools.items())]
+        return [PoolCapacity(e["pool"], e["slots"], tuple(e["nodes"]), 1.0 if e["gpus"] else 0.0)
+                for _, e in sorted(pools.items())]
     gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in alive)
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in alive)
-    slots = int(gpus) if gpus >= 1 else max(1, int(cpus // CPUS_PER_CPU_RENDERER))
+    slots = int(gpus) if gpus >= 1 else int(cpus // CPUS_PER_CPU_RENDERER)
+    if slots == 0:  # e.g. a head with CPU 0 before the autoscaler has started any worker
+        return []
     gpu_type = "GPU" if gpus >= 1 else None
     return [PoolCapacity(Pool(LOCAL_POOL, gpu_type, None, 0.0), slots, tuple(n["NodeID"] for n in alive),
                          1.0 if gpus >= 1 else 0.0)]

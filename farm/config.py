@@ -40,7 +40,9 @@ HUB_CONNECT_TIMEOUT_S = 5.0
 # Autoscaling (farm/scaling.py): seconds one renderer slot takes per clip until a pool has measured
 # its own, and how long a pool's backlog stays empty before its nodes are let go down to min_workers.
 DEFAULT_SECONDS_PER_CLIP = 60.0
-SCALE_DOWN_IDLE_S = 300.0
+SCALE_DOWN_IDLE_S = float(os.environ.get("FARM_SCALE_DOWN_IDLE_S", "300"))
+# How often the controller recomputes the workers each pool needs and tells Ray's autoscaler.
+AUTOSCALE_INTERVAL_S = float(os.environ.get("FARM_AUTOSCALE_INTERVAL_S", "5"))
 
 
 def farm_home() -> Path:
@@ -50,6 +52,15 @@ def farm_home() -> Path:
 def catalog_location() -> str:
     """The catalog: FARM_CATALOG (a local path or s3://bucket/prefix), else $FARM_HOME/catalog."""
     return os.environ.get("FARM_CATALOG") or str(farm_home() / "catalog")
+
+
+def cluster_catalog_location() -> str:
+    """The catalog of a controller no client named one for, read where the controller runs (the
+    head node): its FARM_CATALOG, else $FARM_HOME/catalog with FARM_HOME defaulting to
+    ~/farm-data, not a folder relative to whatever directory Ray runs its workers in."""
+    if os.environ.get("FARM_CATALOG"):
+        return os.environ["FARM_CATALOG"]
+    return str(Path(os.environ.get(FARM_HOME_ENV, "~/farm-data")).expanduser().resolve() / "catalog")
 
 
 def models_dir() -> Path:

@@ -25,9 +25,11 @@ import time
 import traceback
 import uuid
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 
 from farm.catalog import AttemptWriter, Catalog, JobRecord, attempt_row
+from farm.config import AUTOSCALE_INTERVAL_S
 from farm.metrics import (
     FINISHED_JOB_TTL_S,
     ControllerMetrics,
@@ -35,6 +37,8 @@ from farm.metrics import (
     JobSnapshot,
     PoolSnapshot,
 )
+from farm.scaling import PoolScaling, ScalingPlan, resource_bundles
+from farm.scaling import plan as scaling_plan
 from farm.scheduler import Decision, Dispatch, JobLimits, Outcome, Scheduler
 from farm.storage import OutputTarget, StorageOptions, open_sink
 from farm.task import AttemptStatus, ModelRef, Result, Task
@@ -124,13 +128,15 @@ def job_target(record: JobRecord) -> OutputTarget:
 class Controller:
     """Made a detached named actor by ``get_or_start_controller``; a plain class for tests."""
 
-    def __init__(self, catalog_location: str, metrics_address: str | None = None) -> None:
+    def __init__(self, catalog_location: str | None = None, metrics_address: str | None = None) -> None:
         import ray
+
+        from farm.config import cluster_catalog_location
 
         # Identifies this Ray cluster's lifetime: a controller restarted by Ray in the same cluster
         # resumes the jobs admitted here; jobs of a cluster that is gone wait for a re-submit.
         self.session = ray.get_runtime_context().get_session_name() if ray.is_initialized() else "local"
-        self.catalog = Catalog(catalog_location)
+        self.catalog = Catalog(catalog_location or cluster_catalog_location())
         self.scheduler = Scheduler()
         self.lock = threading.RLock()
         self.jobs: dict[str, _RunningJob] = {}
@@ -141,6 +147,14 @@ class Controller:
         self.capacity: dict = {}  # pool name → PoolCapacity
         self.in_flight: dict = {}  # result ref → (slot, Dispatch)
         self._last_pool_refresh = 0.0
+        # Autoscaling: the node types Ray's autoscaler can launch (none: a fixed-size cluster).
+        self.node_types = []
+        self.scaling: ScalingPlan | None = None
+        self.requested_bundles: list[dict] | None = None
+        self.clip_seconds: dict[str, tuple[float, int]] = {}  # pool → (busy seconds, clips)
+        self._pool_busy_at: dict[str, float] = {}
+        self._last_autoscale = 0.0
+        self.started = time.monotonic()
         self._stop = threading.Event()
         self.errors: deque[str] = deque(maxlen=50)
         self.metrics = ControllerMetrics(self._metrics_snapshot)
@@ -149,6 +163,12 @@ class Controller:
                 self.metrics.serve(metrics_address)
             except (OSError, ValueError) as exc:  # metrics are worth a warning, never a stopped farm
                 self.errors.append(f"metrics not served on {metrics_address}: {exc}")
+        try:
+            from farm.cluster import autoscaler_node_types
+
+            self.node_types = autoscaler_node_types()
+        except Exception as exc:  # a broken cluster config must not stop the farm: it just won't scale
+            self.errors.append(f"autoscaling off: {exc}")
         self.restored = self._restore()
         self._thread = threading.Thread(target=self._run, name="farm-dispatch", daemon=True)
         self._thread.start()
@@ -170,6 +190,36 @@ class Controller:
                 return self._progress(job_id)
             self._admit(self.catalog.job(job_id), test_faults)
             return self._progress(job_id) if job_id in self.jobs else self.finished[job_id]
+
+    def submit_job(self, record: JobRecord, tasks: list[Task], test_faults=None) -> JobProgress:
+        """Record a client's job in this controller's catalog and take it: the path for clients
+        that do not share the catalog (another machine, a detached submit)."""
+        self.catalog.record_tasks(record.job_id, tasks)
+        self.catalog.record_job(record)
+        return self.submit(record.job_id, test_faults)
+
+    def done(self, task_ids: list[str], output_root: str) -> dict[str, str]:
+        """Tasks already rendered into ``output_root``, from this controller's catalog."""
+        return self.catalog.done(task_ids, output_root)
+
+    def job_status(self, job_ref: str) -> tuple:
+        """(catalog status, live progress or None) of a job by id, prefix or campaign."""
+        record = self.catalog.job(job_ref)
+        with self.lock:
+            live = self._progress(record.job_id) if record.job_id in self.jobs else None
+            if live is not None:
+                self.jobs[record.job_id].writer.flush()  # the catalog's counts as of now
+        return self.catalog.status(record), live
+
+    def job_statuses(self) -> list:
+        return self.catalog.statuses(self.catalog.jobs())
+
+    def job_results(self, job_ref: str, keep=None) -> tuple:
+        record = self.catalog.job(job_ref)
+        return record, self.catalog.results(record, keep)
+
+    def run_summary(self, job_id: str, elapsed_s: float, state: str):
+        return self.catalog.run_summary(job_id, elapsed_s, state)
 
     def progress(self, job_id: str) -> JobProgress | None:
         with self.lock:
@@ -207,6 +257,20 @@ class Controller:
             return [{"slot": r.slot, "pool": r.pool, "model": r.model.spec, "loads": r.loads, "load_s": r.load_s,
                      "ready": r.ready, "node_id": r.node_id, "actor_id": r.actor_id, "pid": r.pid}
                     for r in self.renderers.values()]
+
+    def scaling_status(self) -> dict:
+        """What the controller last asked the autoscaler for, and why."""
+        with self.lock:
+            plan = self.scaling
+            return {
+                "node_types": [asdict(t) for t in self.node_types],
+                "requested_bundles": list(self.requested_bundles or []),
+                "decisions": [asdict(d) for d in plan.decisions] if plan else [],
+                "estimates": [asdict(e) for e in plan.estimates] if plan else [],
+                "backlog": dict(plan.backlog) if plan else {},
+                "unroutable": plan.unroutable if plan else 0,
+                "clip_seconds": {pool: busy / n for pool, (busy, n) in self.clip_seconds.items() if n},
+            }
 
     def recent_errors(self) -> list[str]:
         return list(self.errors)
@@ -291,6 +355,9 @@ class Controller:
             if now - self._last_pool_refresh >= _POOL_REFRESH_S:
                 self._refresh_pools()
                 self._last_pool_refresh = now
+            if self.node_types and now - self._last_autoscale >= AUTOSCALE_INTERVAL_S:
+                self._autoscale(now)
+                self._last_autoscale = now
             self._scale_renderers()
             self._check_timeouts_and_cancels()
             for d in self.scheduler.next_dispatches():
@@ -321,7 +388,39 @@ class Controller:
         capacities = {c.pool.name: c for c in discover_pools()}
         for cap in capacities.values():
             self.scheduler.add_pool(cap.pool)
+        for node_type in self.node_types:  # pools the autoscaler can start: work for them waits in the queue
+            self.scheduler.add_pool(node_type.pool)
         self.capacity = capacities
+
+    def _autoscale(self, now: float) -> None:
+        """Size each launchable pool for the backlog (and the tightest deadline of the running
+        jobs), and hand the result to Ray's autoscaler as a standing request."""
+        from ray.autoscaler.sdk import request_resources
+
+        pools = []
+        launchable = {t.pool.name for t in self.node_types}
+        for t in self.node_types:
+            cap = self.capacity.get(t.pool.name)
+            busy_s, clips = self.clip_seconds.get(t.pool.name, (0.0, 0))
+            pools.append(PoolScaling(t.pool, len(cap.nodes) if cap else 0, t.slots_per_node, t.min_workers,
+                                     t.max_workers, busy_s / clips if clips else None,
+                                     now - self._pool_busy_at.get(t.pool.name, self.started)))
+        for name, cap in self.capacity.items():  # fixed pools (workstations that joined) take their share
+            if name not in launchable:
+                nodes = len(cap.nodes)
+                pools.append(PoolScaling(cap.pool, nodes, max(1, cap.slots // max(nodes, 1)), nodes, nodes))
+        deadlines = [(j.record.deadline_at - datetime.now(UTC)).total_seconds()
+                     for j in self.jobs.values() if j.record.deadline_at is not None and j.cancel_at is None]
+        plan = scaling_plan(pools, by_needs=self.scheduler.backlog_by_needs(),
+                            deadline_s=max(1.0, min(deadlines)) if deadlines else None)
+        for name, backlog in plan.backlog.items():
+            if backlog:
+                self._pool_busy_at[name] = now
+        bundles = resource_bundles([d for d in plan.decisions if d.pool in launchable])
+        if bundles != self.requested_bundles:
+            request_resources(bundles=bundles)  # replaces the previous request; [] withdraws it
+            self.requested_bundles = bundles
+        self.scaling = plan
 
     def _scale_renderers(self) -> None:
         """Start renderers where queued work needs them: for each job in priority order, in the
@@ -420,6 +519,10 @@ class Controller:
                 renderer.head_started = time.monotonic()
             else:
                 renderer.queue = deque(item for item in renderer.queue if item[0] != ref)
+        if result.succeeded:  # measured clip time per pool: what deadline estimates are made of
+            busy_s, clips = self.clip_seconds.get(_pool_of(slot), (0.0, 0))
+            t = result.timings
+            self.clip_seconds[_pool_of(slot)] = (busy_s + t.generate_s + t.encode_s + t.write_s, clips + 1)
         decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error)
         self._apply(decision, d, result)
 
@@ -537,13 +640,15 @@ def _pool_of(slot: str) -> str:
     return slot.rsplit("-", 1)[0]  # slots are named <pool>-<random hex>
 
 
-def get_or_start_controller(catalog_location: str, metrics_address: str | None = None):
-    """The cluster's controller actor, started (detached, restarted by Ray if it dies) if absent.
+def get_or_start_controller(catalog_location: str | None, metrics_address: str | None = None):
+    """The cluster's controller actor, started (detached, restarted by Ray if it dies) if absent,
+    with the catalog at ``catalog_location`` (None: the head node's FARM_CATALOG, else
+    ~/farm-data/catalog there). A running one keeps the catalog it has: the cluster
+    has one catalog, and clients go through the controller to it (``ping()["catalog"]`` says where).
     ``metrics_address`` is where a newly started one serves its metrics (None: the configured one)."""
     import ray
 
     from farm.config import metrics_address as configured_metrics_address
-    from farm.errors import ClusterError
 
     actor = ray.remote(Controller).options(
         name=CONTROLLER_NAME,
@@ -557,10 +662,5 @@ def get_or_start_controller(catalog_location: str, metrics_address: str | None =
         # On the head node: it outlives worker nodes (spot instances come and go; the head stays).
         resources={HEAD_NODE_RESOURCE: 0.001},
     ).remote(catalog_location, metrics_address if metrics_address is not None else configured_metrics_address())
-    info = ray.get(actor.ping.remote())
-    if info["catalog"] != Catalog(catalog_location).location:
-        raise ClusterError(
-            f"the cluster's farm controller uses the catalog at {info['catalog']}, not {catalog_location}",
-            hint=f"set FARM_CATALOG={info['catalog']} so both sides see the same jobs",
-        )
+    ray.get(actor.ping.remote())  # started and restored: ready for calls
     return actor

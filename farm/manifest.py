@@ -18,11 +18,12 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from farm.config import (
     DEFAULT_FPS,
@@ -154,6 +155,44 @@ class Manifest(BaseModel):
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0  # higher goes first across jobs
     timeout_s: Annotated[float, Field(gt=0, le=86400)] = DEFAULT_TASK_TIMEOUT_S  # per attempt
     requirements: RequirementsSpec = RequirementsSpec()
+    # When the whole job should be done: a duration from submission ("6h", "90m", 3600) or a
+    # time with its zone ("2027-03-01T09:00:00+01:00"). The controller scales pools toward it.
+    deadline: str | float | None = None
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_parses(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            deadline_seconds(value, datetime.now(UTC))
+        return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def deadline_seconds(value: str | float, now: datetime) -> float:
+    """Seconds from ``now`` to a manifest's ``deadline`` (a duration, or a time with its zone)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match:
+            seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+        else:
+            try:
+                at = datetime.fromisoformat(str(value))
+            except ValueError:
+                raise ValueError(f"{value!r} is neither a duration nor a time: write e.g. 6h, 90m, 3600 or "
+                                 "2027-03-01T09:00:00+01:00") from None
+            if at.tzinfo is None:
+                raise ValueError(f"{value!r} has no time zone: add one, e.g. {value}+00:00")
+            seconds = (at - now).total_seconds()
+            if seconds <= 0:
+                raise ValueError(f"{value} is in the past: give a later time or a duration such as 6h")
+    if seconds <= 0:
+        raise ValueError("must be positive: give a duration such as 6h or a future time")
+    return seconds
 
 
 # ----------------------------------------------------------------------------- loading
@@ -378,6 +417,8 @@ def _pydantic_error(exc: ValidationError, data: Any, lines: dict[tuple, int], fi
         path = (*path, missing) if not found else path
         message = f"missing required key {missing!r}"
         hint = f"add {missing}: to the manifest"
+    elif kind == "value_error":  # our own validators already say what was wrong with the value
+        message = str(best["ctx"]["error"]) if "ctx" in best else best["msg"]
     else:
         message = best["msg"]
         if "input" in best and not isinstance(best["input"], dict | list):

@@ -332,6 +332,23 @@ class Scheduler:
                 out.append((j.model, j.priority, [n for n, q in j.ready.items() if q], queued))
         return out
 
+    def backlog_by_needs(self) -> Counter[Requirements]:
+        """Tasks queued (also waiting out a retry backoff) or running, by what they need: the work
+        the pools should be sized for."""
+        backlog: Counter[Requirements] = Counter()
+        for job in self._jobs.values():
+            if job.cancelled:
+                continue
+            for needs, queue in job.ready.items():
+                backlog[needs] += len(queue)
+            for _, _, task in job.delayed:
+                backlog[task.needs] += 1
+        for slot in self._slots.values():
+            for (job_id, _), task in slot.in_flight.items():
+                if not self._jobs[job_id].cancelled:
+                    backlog[task.needs] += 1
+        return +backlog
+
     @property
     def idle(self) -> bool:
         return all(self.progress(j).finished for j in self._jobs)
