@@ -548,6 +548,60 @@ def monitor_status(fmt: FormatOpt = Format.table) -> None:
     _print_services(monitor.status(), fmt)
 
 
+cluster_app = typer.Typer(help="Start, stop and inspect a Ray cluster from a cluster.yaml (Ray's cluster launcher).",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+ClusterConfigArg = Annotated[Path, typer.Argument(help="The cluster-launcher config.")]
+
+
+def _launched(config_path: Path, what: str) -> None:
+    from farm import launcher
+
+    config = launcher.load_config(config_path)
+    pools = ", ".join(f"{t.pool.name} ({t.pool.gpu_type} {t.pool.vram_gb} GB, ${t.pool.cost_per_hour:.2f}/h per slot, "
+                      f"{t.min_workers}–{t.max_workers} '{t.name}' nodes)" for t in config.node_types)
+    out.print(f"cluster '{config.cluster_name}' {what}; pools: {pools}", markup=False, highlight=False)
+
+
+@cluster_app.command("up")
+def cluster_up(
+    config: ClusterConfigArg = Path("cluster.yaml"),
+    restart: Annotated[bool, typer.Option(help="Restart Ray on nodes that are already up.")] = True,
+) -> None:
+    """Check CONFIG, create the cluster's Ray token if missing, then 'ray up'. Workers of each pool
+    are started by Ray's autoscaler when farm asks for them."""
+    from farm import launcher
+
+    launcher.up(config, restart=restart)
+    _launched(config, "is up")
+    out.print(f"next: ray attach {config}, then 'farm submit MANIFEST --address auto' on the head node",
+              markup=False, highlight=False)
+
+
+@cluster_app.command("down")
+def cluster_down(config: ClusterConfigArg = Path("cluster.yaml")) -> None:
+    """Terminate every node of the cluster ('ray down'). The catalog on the head goes with it unless
+    FARM_CATALOG points at S3."""
+    from farm import launcher
+
+    launcher.down(config)
+    _launched(config, "is down")
+
+
+@cluster_app.command("status")
+def cluster_status(config: ClusterConfigArg = Path("cluster.yaml")) -> None:
+    """Ray's view of the cluster: nodes per type, resources in use, pending requests."""
+    from farm import launcher
+
+    launcher.status(config, echo=stdout)
+
+
+@cluster_app.command("check")
+def cluster_check(config: ClusterConfigArg = Path("cluster.yaml")) -> None:
+    """Check CONFIG the way 'farm cluster up' does (Ray's schema, farm pools, token auth), offline."""
+    _launched(config, "config is valid")
+
+
 def main() -> None:
     stdout.real, sys.stdout = sys.stdout, sys.stderr
     try:

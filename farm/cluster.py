@@ -185,6 +185,11 @@ def autoscaler_node_types(config_path: str | None = None) -> list[NodeType]:
     except (OSError, yaml.YAMLError) as exc:
         raise ClusterError(f"cannot read the cluster config {path}: {str(exc).splitlines()[0]}",
                            hint="check it with 'ray up --no-restart' or fix the YAML") from None
+    return node_types_of(config)
+
+
+def node_types_of(config: dict) -> list[NodeType]:
+    """The farm pools in a parsed cluster-launcher config, one entry per (node type, pool)."""
     out = []
     for name, spec in sorted((config.get("available_node_types") or {}).items()):
         for pool, slots in pools_offered(spec.get("resources") or {}):
