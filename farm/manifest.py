@@ -18,7 +18,7 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -159,6 +159,12 @@ class Manifest(BaseModel):
     # time with its zone ("2027-03-01T09:00:00+01:00"). The controller scales pools toward it.
     deadline: str | float | None = None
 
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _yaml_timestamp_as_text(cls, value: object) -> object:
+        # YAML reads an unquoted 2027-03-01T09:00:00+01:00 as a datetime (and 2027-03-01 as a date).
+        return value.isoformat() if isinstance(value, date) else value
+
     @field_validator("deadline")
     @classmethod
     def _deadline_parses(cls, value: str | float | None) -> str | float | None:
@@ -186,7 +192,7 @@ def deadline_seconds(value: str | float, now: datetime) -> float:
                 raise ValueError(f"{value!r} is neither a duration nor a time: write e.g. 6h, 90m, 3600 or "
                                  "2027-03-01T09:00:00+01:00") from None
             if at.tzinfo is None:
-                raise ValueError(f"{value!r} has no time zone: add one, e.g. {value}+00:00")
+                raise ValueError(f"{value!r} has no time zone: add one, e.g. {at.isoformat()}+00:00")
             seconds = (at - now).total_seconds()
             if seconds <= 0:
                 raise ValueError(f"{value} is in the past: give a later time or a duration such as 6h")

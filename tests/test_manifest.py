@@ -223,6 +223,11 @@ def test_output_defaults_under_farm_home_and_resolves_relative_to_manifest(tmp_p
             "campaign: x\nretries: -1\nprompt: hi\n",
             ":2: retries: -1: input should be greater than or equal to 0",
         ),
+        (BASE + "deadline: soon\n", ":6: deadline: 'soon' is neither a duration nor a time: write e.g. 6h, 90m"),
+        (BASE + "deadline: -5\n", ":6: deadline: must be positive"),
+        (BASE + "deadline: 2020-01-01T00:00:00+00:00\n", ":6: deadline: 2020-01-01T00:00:00+00:00 is in the past"),
+        (BASE + "deadline: 2099-01-01\n", ":6: deadline: '2099-01-01' has no time zone"),
+        (BASE + "deadline: '2099-01-01T09:00'\n", ":6: deadline: '2099-01-01T09:00' has no time zone: add one"),
         (
             BASE + "axes2: 1\n",
             ":6: axes2: unknown key 'axes2'",
@@ -256,3 +261,18 @@ def test_bad_cell_in_rows_file_names_file_line_and_column(tmp_path, write_manife
 def test_explicit_task_prompt_with_unknown_placeholder(write_manifest, farm_home):
     message = error_of(write_manifest("campaign: x\ntasks:\n  - prompt: 'a {thing}'\n    vars: {other: 1}\n"))
     assert ":3: tasks[0].prompt: placeholder {thing} has no value — add vars: {thing: ...}" in message
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("90m", 5400), ("6h", 21600), ("1.5d", 129600), (3600, 3600),
+                                                ("2027-03-01T09:00:00+01:00", 3600)])
+def test_deadline_is_a_duration_or_a_time_with_its_zone(value, seconds):
+    from datetime import UTC, datetime
+
+    from farm.manifest import deadline_seconds
+
+    assert deadline_seconds(value, datetime(2027, 3, 1, 7, 0, tzinfo=UTC)) == seconds
+
+
+def test_unquoted_yaml_time_is_a_deadline(write_manifest, farm_home):
+    loaded = load_manifest(write_manifest(BASE + "deadline: 2099-03-01T09:00:00+01:00\n"))
+    assert loaded.manifest.deadline == "2099-03-01T09:00:00+01:00"

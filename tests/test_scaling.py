@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +147,76 @@ def test_pool_scaling_rejects_nonsense(kwargs):
     base = {"pool": L4, "current_workers": 0, "max_workers": 2} | kwargs
     with pytest.raises(ValueError):
         PoolScaling(**base)
+
+
+# ------------------------------------------------------------------ farm plan with a deadline, offline
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMPAIGN = """
+campaign: deadline-test
+prompt: "clip {{n}}"
+deadline: {deadline}
+axes:
+  n: [{numbers}]
+"""
+
+
+def _manifest(tmp_path: Path, deadline: str, clips: int = 360) -> Path:
+    path = tmp_path / "campaign.yaml"
+    path.write_text(CAMPAIGN.format(deadline=deadline, numbers=", ".join(map(str, range(clips)))))
+    return path
+
+
+def _plan_json(manifest: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "farm.cli", "plan", str(manifest), "--cluster-config",
+                             str(ROOT / "cluster.yaml"), "--format", "json"],
+                            capture_output=True, text=True, timeout=120, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_plan_sizes_cluster_yaml_pools_for_a_deadline_at_the_stated_default(farm_home, tmp_path):
+    """360 clips at the stated 60 s/clip: 2 h fit the cheapest pool (l4) with 3 workers; 30 min
+    need more than l4's max of 8, so the rest spills to the next-cheapest pool (gpu24)."""
+    relaxed = _plan_json(_manifest(tmp_path, "2h"))
+    assert relaxed["deadline_s"] == 7200
+    pools = relaxed["scaling"]["pools"]
+    assert pools["l4"]["tasks"] == 360 and pools["l4"]["workers"] == 3  # ceil(360 * 60 / 7200)
+    assert pools["gpu24"]["workers"] == 0 and pools["a100_80"]["workers"] == 0
+    assert relaxed["scaling"]["reachable"] and relaxed["scaling"]["cost_dollars"] == pytest.approx(
+        3 * 2 * 0.80)  # 3 L4 slots for 2 h at $0.80/h
+    assert "at 60s/clip" in pools["l4"]["reason"]
+
+    tight = _plan_json(_manifest(tmp_path, "30m"))["scaling"]
+    assert tight["pools"]["l4"]["workers"] == 8 and tight["pools"]["l4"]["tasks"] == 240  # 8 * 1800 / 60
+    assert tight["pools"]["gpu24"]["tasks"] == 120 and tight["pools"]["gpu24"]["workers"] == 4
+    assert tight["reachable"]
+
+    impossible = _plan_json(_manifest(tmp_path, "5m"))["scaling"]
+    assert not impossible["reachable"]  # 8 + 8 + 2·8 slots cannot render 360 minutes of clips in 5
+    assert impossible["pools"]["a100_80"]["workers"] == 2  # every pool at its max
+
+
+def test_plan_uses_measured_render_times(farm_home, tmp_path):
+    from farm import api
+    from farm.catalog import Catalog, JobRecord, attempt_row
+    from farm.task import AttemptStatus, Result, Timings
+
+    manifest = _manifest(tmp_path, "1h")
+    before = api.plan(manifest, cluster_config=ROOT / "cluster.yaml")
+    assert {e.pool: e.workers for e in before.scaling.estimates}["l4"] == 6  # 360 * 60 s / 3600 s
+    # Ten clips of this model were rendered before, 12 s each (render + encode + write).
+    catalog = Catalog(farm_home / "catalog")
+    earlier = before.tasks[:10]
+    catalog.record_job(JobRecord("earlier", "deadline-test", datetime.now(UTC), "me", "host", str(manifest), "sha",
+                                 "yaml", "tiny", before.manifest.output, 2, tuple(t.task_id for t in earlier), "0"))
+    with catalog.writer("earlier") as writer:
+        for t in earlier:
+            done = Result(t.task_id, 1, AttemptStatus.SUCCEEDED, output_uri=f"/x/{t.task_id}.mp4",
+                          timings=Timings(load_s=30.0, generate_s=10.0, encode_s=1.5, write_s=0.5))
+            writer.add(attempt_row(t, done, before.manifest.output, final=True))
+    after = api.plan(manifest, cluster_config=ROOT / "cluster.yaml")
+    assert len(after.to_render) == 350  # what is done is not planned again
+    l4 = {e.pool: e for e in after.scaling.estimates}["l4"]
+    assert l4.workers == 2 and l4.backlog == 350  # ceil(350 * 12 s / 3600 s); the model load is not per clip
+    assert "at 12s/clip" in {d.pool: d.reason for d in after.scaling.decisions}["l4"]
