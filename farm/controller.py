@@ -416,11 +416,22 @@ class Controller:
         for name, backlog in plan.backlog.items():
             if backlog:
                 self._pool_busy_at[name] = now
+        for d in plan.decisions:
+            if d.pool in launchable and not plan.backlog.get(d.pool):
+                self._release_idle_renderers(d.pool, keep=d.target_workers * d.slots_per_worker)
         bundles = resource_bundles([d for d in plan.decisions if d.pool in launchable])
         if bundles != self.requested_bundles:
             request_resources(bundles=bundles)  # replaces the previous request; [] withdraws it
             self.requested_bundles = bundles
         self.scaling = plan
+
+    def _release_idle_renderers(self, pool: str, keep: int) -> None:
+        """A resident renderer holds its node's farm_pool slot, so Ray's autoscaler never sees the
+        node idle: once the pool is scaled down, stop idle renderers beyond what it keeps."""
+        renderers = [r for r in self.renderers.values() if r.pool == pool]
+        idle = [r for r in renderers if r.ready and not r.queue]
+        for renderer in idle[:max(0, len(renderers) - keep)]:
+            self._retire(renderer, "pool scaled down: its node may go")
 
     def _scale_renderers(self) -> None:
         """Start renderers where queued work needs them: for each job in priority order, in the

@@ -192,3 +192,16 @@ def test_the_controller_asks_the_autoscaler_for_the_pool_its_backlog_needs(clust
     assert final["succeeded"] == 4
     # The queue drained and stayed empty past the idle grace: the request is withdrawn.
     wait_until(lambda: _requested_bundles(cluster) == [], 60, "the request to be withdrawn")
+    # ... and its renderer is stopped, so the node holds nothing and the autoscaler can remove it.
+    assert wait_until(lambda: not {p["pool"]: p for p in farm_json(cluster, "pools", "--address", cluster.address)}
+                      ["burst"]["renderers"], 60, "the burst renderer to be released")
+    assert wait_until(lambda: _available(cluster, "farm_pool:burst") == 1.0, 60, "the burst slot to be free")
+
+
+def _available(cluster, resource: str) -> float:
+    script = (f"import ray\nray.init(address='{cluster.address}', logging_level='ERROR')\n"
+              f"print(ray.available_resources().get({resource!r}, 0.0))\n")
+    result = subprocess.run([sys.executable, "-c", script], env=cluster.client_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout.strip().splitlines()[-1])
