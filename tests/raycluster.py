@@ -43,9 +43,9 @@ class RayCliCluster:
         env.update(extra)
         return env
 
-    def start_head(self) -> None:
+    def start_head(self, *extra: str) -> None:
         self._ray_start("head", ["--head", f"--port={self.port}", "--num-cpus=0", f"--temp-dir={self.temp_dir}",
-                                 "--dashboard-host=127.0.0.1"])
+                                 "--dashboard-host=127.0.0.1", *extra])
 
     def add_worker(self, name: str, resources: dict, num_cpus: int) -> None:
         self.workers[name] = (resources, num_cpus)
