@@ -570,21 +570,28 @@ class Controller:
             jobs = [(job.record, self._progress(job_id)) for job_id, job in self.jobs.items()]
             jobs += [(record, self.finished[job_id]) for job_id, (record, _) in self.finished_meta.items()
                      if job_id in self.finished and job_id not in self.jobs]
+            wall_now = datetime.now(UTC)
             job_snaps = [JobSnapshot(
                 record.job_id, record.campaign, record.model, record.priority, p.state,
                 {"queued": p.queued - p.waiting_for_pool, "waiting_for_pool": p.waiting_for_pool,
                  "running": p.in_flight, "succeeded": p.succeeded, "failed": p.failed},
                 (p.succeeded + p.failed) / p.total if p.total else 1.0,
                 p.eta_s if p.state in ("running", "cancelling") else 0.0,
+                (record.deadline_at - wall_now).total_seconds() if record.deadline_at is not None else None,
             ) for record, p in jobs]
+            targets = {d.pool: d.target_workers for d in self.scaling.decisions} if self.scaling else {}
+            pools = {name: (cap.pool, cap) for name, cap in self.capacity.items()}
+            pools.update({t.pool.name: (t.pool, None) for t in self.node_types if t.pool.name not in pools})
+            launchable = {t.pool.name for t in self.node_types}
             pool_snaps = []
-            for name, cap in self.capacity.items():
+            for name, (pool, cap) in sorted(pools.items()):
                 states = {"busy": 0, "idle": 0, "loading": 0}
                 for r in self.renderers.values():
                     if r.pool == name:
                         states["loading" if not r.ready else "busy" if r.queue else "idle"] += 1
-                pool_snaps.append(PoolSnapshot(name, cap.pool.gpu_type or "", cap.pool.vram_gb,
-                                               cap.pool.cost_per_hour, cap.slots, states))
+                pool_snaps.append(PoolSnapshot(name, pool.gpu_type or "", pool.vram_gb, pool.cost_per_hour,
+                                               cap.slots if cap else 0, states, len(cap.nodes) if cap else 0,
+                                               targets.get(name, 0) if name in launchable else None))
             return FarmSnapshot(job_snaps, pool_snaps)
 
     def _renderer_lost(self, slot: str, reason: str) -> None:

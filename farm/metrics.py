@@ -63,6 +63,9 @@ JOB_PROGRESS = MetricSpec("farm_job_progress_ratio", "gauge", "Finished tasks (s
                           ("job_id",), "controller")
 JOB_ETA = MetricSpec("farm_job_eta_seconds", "gauge", "Estimated seconds until the job finishes, at its rate so far",
                      ("job_id",), "controller")
+JOB_DEADLINE = MetricSpec("farm_job_deadline_seconds", "gauge",
+                          "Seconds left until the job's deadline (negative once passed); jobs with a deadline only",
+                          ("job_id",), "controller")
 QUEUE_DEPTH = MetricSpec("farm_queue_depth_tasks", "gauge", "Tasks waiting for a renderer, per job and priority",
                          ("job_id", "priority"), "controller")
 JOB_ATTEMPTS = MetricSpec("farm_job_attempts_total", "counter", "Attempts of a job by outcome", ("job_id", "status"),
@@ -84,6 +87,11 @@ POOL_COST_RATE = MetricSpec("farm_pool_cost_dollars_per_hour", "gauge",
 POOL_COST = MetricSpec("farm_pool_cost_dollars_total", "counter",
                        "Estimated dollars the pool's slots have cost since the controller started", ("pool",),
                        "controller")
+POOL_NODES = MetricSpec("farm_pool_nodes", "gauge", "Alive nodes offering the pool", ("pool", "gpu_type"),
+                        "controller")
+POOL_TARGET_NODES = MetricSpec("farm_pool_target_nodes", "gauge",
+                               "Nodes the controller asks Ray's autoscaler for, per pool it can launch",
+                               ("pool",), "controller")
 MODEL_LOADS = MetricSpec("farm_model_loads_total", "counter", "Models loaded into renderers", ("pool", "model"),
                          "controller")
 
@@ -100,8 +108,9 @@ FRAMES = MetricSpec("farm_frames_total", "counter", "Frames of finished clips", 
 VIDEO_SECONDS = MetricSpec("farm_video_seconds_total", "counter", "Seconds of video in finished clips",
                            ("pool", "model"), "renderer")
 
-ALL_METRICS = (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA, QUEUE_DEPTH, JOB_ATTEMPTS, ATTEMPTS, FAILURES, RETRIES,
-               RENDERERS, POOL_SLOTS, POOL_VRAM, POOL_COST_RATE, POOL_COST, MODEL_LOADS,
+ALL_METRICS = (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA, JOB_DEADLINE, QUEUE_DEPTH, JOB_ATTEMPTS, ATTEMPTS,
+               FAILURES, RETRIES, RENDERERS, POOL_SLOTS, POOL_NODES, POOL_TARGET_NODES, POOL_VRAM, POOL_COST_RATE,
+               POOL_COST, MODEL_LOADS,
                RENDER_SECONDS, ENCODE_SECONDS, WRITE_SECONDS, MODEL_LOAD_SECONDS, FRAMES, VIDEO_SECONDS)
 
 
@@ -116,6 +125,7 @@ class JobSnapshot:
     tasks: dict[str, int]  # TASK_STATES → count
     progress: float
     eta_s: float | None
+    deadline_s: float | None = None  # seconds left until the job's deadline, if it has one
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,8 @@ class PoolSnapshot:
     cost_per_hour: float
     slots: int
     renderers: dict[str, int]  # RENDERER_STATES → count
+    nodes: int = 0
+    target_nodes: int | None = None  # what the autoscaler was asked for; None: a pool it cannot launch
 
 
 @dataclass(frozen=True)
@@ -248,8 +260,8 @@ class _SnapshotCollector:
         def gauge(spec: MetricSpec) -> GaugeMetricFamily:
             return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
 
-        info, tasks, progress, eta, queue = (gauge(s) for s in (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA,
-                                                                 QUEUE_DEPTH))
+        info, tasks, progress, eta, deadline, queue = (gauge(s) for s in (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA,
+                                                                           JOB_DEADLINE, QUEUE_DEPTH))
         for job in snap.jobs:
             info.add_metric([job.job_id, job.campaign, job.model, str(job.priority), job.state], 1)
             for state in TASK_STATES:
@@ -257,15 +269,21 @@ class _SnapshotCollector:
             progress.add_metric([job.job_id], job.progress)
             if job.eta_s is not None:
                 eta.add_metric([job.job_id], job.eta_s)
+            if job.deadline_s is not None:
+                deadline.add_metric([job.job_id], job.deadline_s)
             queue.add_metric([job.job_id, str(job.priority)], job.tasks.get("queued", 0))
-        yield from (info, tasks, progress, eta, queue)
+        yield from (info, tasks, progress, eta, deadline, queue)
 
-        renderers, slots, vram, rate = (gauge(s) for s in (RENDERERS, POOL_SLOTS, POOL_VRAM, POOL_COST_RATE))
+        renderers, slots, nodes, target, vram, rate = (gauge(s) for s in (
+            RENDERERS, POOL_SLOTS, POOL_NODES, POOL_TARGET_NODES, POOL_VRAM, POOL_COST_RATE))
         rates = {}
         for pool in snap.pools:
             for state in RENDERER_STATES:
                 renderers.add_metric([pool.pool, pool.gpu_type or "cpu", state], pool.renderers.get(state, 0))
             slots.add_metric([pool.pool, pool.gpu_type or "cpu"], pool.slots)
+            nodes.add_metric([pool.pool, pool.gpu_type or "cpu"], pool.nodes)
+            if pool.target_nodes is not None:
+                target.add_metric([pool.pool], pool.target_nodes)
             if pool.vram_gb is not None:
                 vram.add_metric([pool.pool], pool.vram_gb * 2**30)
             rates[pool.pool] = pool.slots * pool.cost_per_hour
@@ -273,7 +291,7 @@ class _SnapshotCollector:
         cost = CounterMetricFamily(POOL_COST.name, POOL_COST.help, labels=POOL_COST.labels)
         for pool, total in sorted(self.metrics._cost_totals(rates).items()):
             cost.add_metric([pool], total)
-        yield from (renderers, slots, vram, rate, cost)
+        yield from (renderers, slots, nodes, target, vram, rate, cost)
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -202,9 +202,15 @@ def observed(ray_session, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     tmp = tmp_path_factory.mktemp("observed")
-    saved = {k: os.environ.get(k) for k in ("FARM_HOME", "FARM_METRICS_ADDRESS")}
+    saved = {k: os.environ.get(k) for k in ("FARM_HOME", "FARM_METRICS_ADDRESS", "FARM_CLUSTER_CONFIG")}
     os.environ["FARM_HOME"] = str(tmp / "home")
     os.environ["FARM_METRICS_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    # The pools as node types of an autoscaler config, so the controller sizes them (one node each).
+    config = tmp / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"available_node_types": {
+        "small": {"resources": {"CPU": 2, **SMALL}, "min_workers": 1, "max_workers": 1},
+        "big": {"resources": {"CPU": 1, **BIG}, "min_workers": 1, "max_workers": 1}}}))
+    os.environ["FARM_CLUSTER_CONFIG"] = str(config)
     if ray_session.is_initialized():
         ray_session.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -223,7 +229,7 @@ def observed(ray_session, tmp_path_factory):
         facts["prom"] = prom
         alerts = alert_exprs()
 
-        healthy = api.submit(write_job(tmp, "healthy", 8), address="auto")
+        healthy = api.submit(write_job(tmp, "healthy", 8, extra="deadline: 1h"), address="auto")
         facts["healthy"] = healthy
         prom.wait_for(f'farm_job_tasks{{job_id="{healthy.job_id}", state="succeeded"}} == 8')
         facts["after_healthy"] = {name: prom.query(expr) for name, expr in alerts.items()}
@@ -246,7 +252,7 @@ def observed(ray_session, tmp_path_factory):
             for path in DASHBOARDS}
 
         # A job that needs the big pool and hangs there: the small pool's renderers sit idle.
-        stuck_path = write_job(tmp, "stuck", 6, extra="requirements: {min_vram_gb: 40}")
+        stuck_path = write_job(tmp, "stuck", 6, extra="requirements: {min_vram_gb: 40}\ndeadline: 5s")
         box: dict = {}
         thread = threading.Thread(target=lambda: box.update(outcome=api.submit(
             stuck_path, address="auto", test_faults=TestFaults(prompt_contains="stuck", action="hang", hang_s=120))),
@@ -257,6 +263,7 @@ def observed(ray_session, tmp_path_factory):
         prom.wait_for(f'farm_job_tasks{{job_id="{stuck_id}", state="running"}} > 0')
         facts["stalled"] = prom.wait_for(alerts["FarmJobStalled"])
         facts["idle_queued"] = prom.wait_for(alerts["FarmPoolIdleWhileQueued"])
+        facts["deadline_risk"] = prom.wait_for(alerts["FarmJobDeadlineAtRisk"])
         api.cancel(stuck_id, address="auto")
         thread.join(timeout=120)
         prom.wait_for(f'farm_job_info{{job_id="{stuck_id}", state="cancelled"}}')
@@ -330,6 +337,10 @@ def test_metrics_agree_with_the_catalog(observed):
     assert prom.value('farm_pool_cost_dollars_per_hour{pool="small"}') == pytest.approx(1.6)
     assert prom.value('farm_pool_cost_dollars_per_hour{pool="big"}') == pytest.approx(4.0)
     assert prom.value(f'farm_job_progress_ratio{{job_id="{healthy.job_id}"}}') == 1.0
+    # Scaling, as the controller sees it: one node per pool alive and asked for (min = max = 1).
+    assert prom.value('farm_pool_nodes{pool="small"}') == prom.value('farm_pool_target_nodes{pool="small"}') == 1
+    assert prom.value('farm_pool_nodes{pool="big"}') == prom.value('farm_pool_target_nodes{pool="big"}') == 1
+    assert 3000 < prom.value(f'farm_job_deadline_seconds{{job_id="{healthy.job_id}"}}') <= 3600
 
 
 def test_promtool_accepts_the_exposition(observed):
@@ -343,16 +354,22 @@ def test_alerts_fire_when_provoked_and_not_otherwise(observed):
     after_healthy, after_failing, after_cancel = (observed[k] for k in ("after_healthy", "after_failing",
                                                                         "after_cancel"))
     # A healthy finished job: nothing fires.
-    assert after_healthy == {"FarmJobStalled": [], "FarmHighFailureRate": [], "FarmPoolIdleWhileQueued": []}
+    assert after_healthy == {"FarmJobStalled": [], "FarmHighFailureRate": [], "FarmPoolIdleWhileQueued": [],
+                             "FarmJobDeadlineAtRisk": []}
     # Every attempt of the second job failed: the failure rate fires, for the pools it ran on.
     assert {r["metric"]["pool"] for r in after_failing["FarmHighFailureRate"]} <= {"small", "big"}
     assert after_failing["FarmHighFailureRate"]
     assert after_failing["FarmJobStalled"] == [] and after_failing["FarmPoolIdleWhileQueued"] == []
+    assert after_failing["FarmJobDeadlineAtRisk"] == []  # its deadline-free job failed, the healthy one made it
     # The hanging job: stalled (nothing finishes), and the small pool idles while its tasks queue.
     assert [r["metric"]["job_id"] for r in observed["stalled"]] == [observed["stuck_id"]]
     assert {r["metric"]["pool"] for r in observed["idle_queued"]} == {"small"}
+    # Its 5 s deadline passed with all six tasks left.
+    assert [r["metric"]["job_id"] for r in observed["deadline_risk"]] == [observed["stuck_id"]]
+    assert float(observed["deadline_risk"][0]["value"][1]) < 0
     # Cancelled: nothing left to do, so neither fires any more.
     assert after_cancel["FarmJobStalled"] == [] and after_cancel["FarmPoolIdleWhileQueued"] == []
+    assert after_cancel["FarmJobDeadlineAtRisk"] == []
 
 
 def test_farm_monitor_up_status_down(tmp_path, monkeypatch):
