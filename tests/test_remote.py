@@ -205,3 +205,54 @@ def _available(cluster, resource: str) -> float:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return float(result.stdout.strip().splitlines()[-1])
+
+
+def test_wait_follows_ctrl_c_leaves_the_job_and_cancel_works_from_another_shell(cluster):
+    import os
+    import signal
+
+    # --wait stays until the job ends and reports it, like an embedded run.
+    path = write_manifest(cluster, "waited", 3)
+    waited = farm(cluster, "submit", str(path), "--address", cluster.address, "--wait", "--format", "json",
+                  timeout=300)
+    assert waited.returncode == 0, waited.stderr
+    summary = json.loads(waited.stdout)
+    assert (summary["rendered"], summary["failed"], summary["state"]) == (3, 0, "finished")
+
+    # Ctrl-C on a following client stops the following, not the job.
+    slow = json.dumps({"prompt_contains": "followed", "action": "slow", "hang_s": 3.0})
+    path = write_manifest(cluster, "followed", 8)
+    env = cluster.client_env(FARM_TEST_FAULTS=slow)
+    for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
+        env.pop(key, None)
+    follower = subprocess.Popen([*FARM, "submit", str(path), "--address", cluster.address, "--wait"], env=env,
+                                cwd=cluster.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = wait_until(lambda: next((j["job_id"] for j in farm_json(cluster, "jobs", "--address", cluster.address)
+                                      if j["campaign"] == "followed"), None), 120, "the followed job")
+    assert follower.poll() is None, "the job ended before the test could interrupt its client"
+    os.kill(follower.pid, signal.SIGINT)
+    _, stderr = follower.communicate(timeout=60)
+    assert follower.returncode == 130
+    assert f"stopped following; job {job_id} goes on on the cluster" in stderr
+    final = wait_until(lambda: (s := farm_json(cluster, "status", job_id, "--address", cluster.address))
+                       ["state"] == "finished" and s, 240, "the job to finish without its client")
+    assert final["succeeded"] == 8
+
+    # Cancelled from another shell: dispatch stops, the catalog says so, and submitting resumes.
+    slow = json.dumps({"prompt_contains": "cancelled", "action": "slow", "hang_s": 2.0})
+    path = write_manifest(cluster, "cancelled", 24)  # 16 s on 3 slots: far longer than a cancel takes
+    handed = farm_json(cluster, "submit", str(path), "--address", cluster.address, env={"FARM_TEST_FAULTS": slow})
+    wait_until(lambda: farm_json(cluster, "status", handed["job_id"], "--address", cluster.address)["succeeded"]
+               >= 1, 120, "the first clip")
+    cancelled = farm(cluster, "cancel", handed["job_id"], "--address", cluster.address)
+    assert cancelled.returncode == 0, cancelled.stderr
+    stopped = wait_until(lambda: (s := farm_json(cluster, "status", handed["job_id"], "--address", cluster.address))
+                         ["state"] == "cancelled" and s, 60, "the cancel")
+    assert 1 <= stopped["succeeded"] < 24
+    resumed = farm(cluster, "submit", str(path), "--address", cluster.address, "--wait", "--format", "json",
+                   timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["rendered"] == 24 - stopped["succeeded"] and summary["already_done"] >= stopped["succeeded"]
+    rows = farm_json(cluster, "results", summary["job_id"], "--address", cluster.address)
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"succeeded"}
