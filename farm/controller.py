@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -37,7 +37,7 @@ from farm.metrics import (
     JobSnapshot,
     PoolSnapshot,
 )
-from farm.scaling import PoolScaling, ScalingPlan, resource_bundles
+from farm.scaling import PoolScaling, ScalingPlan, resource_bundles, widest
 from farm.scaling import plan as scaling_plan
 from farm.scheduler import Decision, Dispatch, JobLimits, Outcome, Scheduler
 from farm.storage import OutputTarget, StorageOptions, open_sink
@@ -356,8 +356,11 @@ class Controller:
                 self._refresh_pools()
                 self._last_pool_refresh = now
             if self.node_types and now - self._last_autoscale >= AUTOSCALE_INTERVAL_S:
-                self._autoscale(now)
                 self._last_autoscale = now
+                try:
+                    self._autoscale(now)
+                except Exception:  # scaling is advisory: it must never stop dispatch
+                    self.errors.append("autoscale: " + traceback.format_exc(limit=3))
             self._scale_renderers()
             self._check_timeouts_and_cancels()
             for d in self.scheduler.next_dispatches():
@@ -409,13 +412,21 @@ class Controller:
             if name not in launchable:
                 nodes = len(cap.nodes)
                 pools.append(PoolScaling(cap.pool, nodes, max(1, cap.slots // max(nodes, 1)), nodes, nodes))
+        live = [j for j in self.jobs.values() if j.cancel_at is None]
         deadlines = [(j.record.deadline_at - datetime.now(UTC)).total_seconds()
-                     for j in self.jobs.values() if j.record.deadline_at is not None and j.cancel_at is None]
-        plan = scaling_plan(pools, by_needs=self.scheduler.backlog_by_needs(),
-                            deadline_s=max(1.0, min(deadlines)) if deadlines else None)
+                     for j in live if j.record.deadline_at is not None]
+        # Queued work goes where the plan routes it; running work counts for the pool running it.
+        running = Counter(r.pool for r in self.renderers.values() for _ in r.queue)
+        queued = self.scheduler.backlog_by_needs(in_flight=False)
+        plan = scaling_plan(pools, by_pool=running, by_needs=queued, deadline_s=min(deadlines) if deadlines else None)
+        if deadlines and len(deadlines) < len(live):  # jobs without a deadline are not to be slowed by one
+            plan = widest(plan, scaling_plan(pools, by_pool=running, by_needs=queued))
         for name, backlog in plan.backlog.items():
             if backlog:
                 self._pool_busy_at[name] = now
+        for r in self.renderers.values():
+            if r.queue or not r.ready:  # rendering or loading: the pool is not idle, whatever the plan says
+                self._pool_busy_at[r.pool] = now
         for d in plan.decisions:
             if d.pool in launchable and not plan.backlog.get(d.pool):
                 self._release_idle_renderers(d.pool, keep=d.target_workers * d.slots_per_worker)

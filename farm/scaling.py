@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from farm.config import DEFAULT_SECONDS_PER_CLIP, SCALE_DOWN_IDLE_S
 from farm.task import Pool, Requirements
@@ -209,9 +209,26 @@ def plan(
 ) -> ScalingPlan:
     """A decision and an estimate for every pool, from the backlog (see the module's policy)."""
     pools = list(pools)
+    if deadline_s is not None and pools and all(deadline_s < p.clip_s for p in pools):
+        # Passed, or too close for any slot to finish a clip: no pool can help more than another,
+        # so size as without a deadline (cheapest pools first) and say the deadline is missed.
+        rushed = plan(pools, by_pool, by_needs, None, idle_grace_s)
+        note = f"; deadline {deadline_s:.0f}s is past or shorter than a clip: sized as without one"
+        return replace(rushed, decisions=tuple(replace(d, reason=d.reason + note) for d in rushed.decisions),
+                       estimates=tuple(replace(e, deadline_s=deadline_s, reachable=e.backlog == 0)
+                                       for e in rushed.estimates))
     backlog, unroutable = route(pools, by_pool, by_needs, deadline_s)
     pairs = [decide(p, backlog[p.pool.name], deadline_s, idle_grace_s) for p in pools]
     return ScalingPlan(tuple(d for d, _ in pairs), tuple(e for _, e in pairs), backlog, unroutable)
+
+
+def widest(deadline_plan: ScalingPlan, free_plan: ScalingPlan) -> ScalingPlan:
+    """Jobs with and without a deadline share the pools: each pool gets the larger of the two
+    targets (more workers never make the deadline harder), the estimates stay the deadline's."""
+    free = {d.pool: d for d in free_plan.decisions}
+    decisions = tuple(free[d.pool] if free[d.pool].target_workers > d.target_workers else d
+                      for d in deadline_plan.decisions)
+    return replace(deadline_plan, decisions=decisions)
 
 
 def resource_bundles(decisions: ScalingPlan | Iterable[ScalingDecision]) -> list[dict[str, float]]:

@@ -332,9 +332,9 @@ class Scheduler:
                 out.append((j.model, j.priority, [n for n, q in j.ready.items() if q], queued))
         return out
 
-    def backlog_by_needs(self) -> Counter[Requirements]:
-        """Tasks queued (also waiting out a retry backoff) or running, by what they need: the work
-        the pools should be sized for."""
+    def backlog_by_needs(self, in_flight: bool = True) -> Counter[Requirements]:
+        """Tasks queued (also waiting out a retry backoff) and, with ``in_flight``, running, by what
+        they need: the work the pools should be sized for."""
         backlog: Counter[Requirements] = Counter()
         for job in self._jobs.values():
             if job.cancelled:
@@ -343,7 +343,7 @@ class Scheduler:
                 backlog[needs] += len(queue)
             for _, _, task in job.delayed:
                 backlog[task.needs] += 1
-        for slot in self._slots.values():
+        for slot in self._slots.values() if in_flight else ():
             for (job_id, _), task in slot.in_flight.items():
                 if not self._jobs[job_id].cancelled:
                     backlog[task.needs] += 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from farm.config import DEFAULT_SECONDS_PER_CLIP, SCALE_DOWN_IDLE_S
-from farm.scaling import PoolScaling, ScalingDecision, decide, plan, resource_bundles, route
+from farm.scaling import PoolScaling, ScalingDecision, decide, plan, resource_bundles, route, widest
 from farm.task import Pool, Requirements
 
 L4 = Pool("l4", "L4", 24, 0.80)
@@ -124,6 +124,27 @@ def test_plan_deadline_spill_is_reachable_and_bundles():
     late = plan(pools, by_needs={Requirements(): 1000}, deadline_s=600)
     assert not late.reachable
     assert "cannot be met" in next(d.reason for d in late.decisions if d.pool == "a100_80")
+
+
+@pytest.mark.parametrize("deadline_s", [-300.0, 0.0, 30.0])  # passed, now, shorter than any clip
+def test_a_deadline_no_pool_can_meet_sizes_as_without_one(deadline_s):
+    pools = [ps(L4, clip_s=60), ps(A10G, clip_s=60), ps(A100, slots=8, hi=2, clip_s=60)]
+    late = plan(pools, by_needs={Requirements(): 20}, deadline_s=deadline_s)
+    assert {d.pool: d.target_workers for d in late.decisions} == {"l4": 8, "gpu24": 0, "a100_80": 0}
+    assert late.backlog == {"l4": 20, "gpu24": 0, "a100_80": 0}  # not all of it thrown at the priciest pool
+    assert not late.reachable and all("sized as without one" in d.reason for d in late.decisions)
+
+
+def test_jobs_without_a_deadline_are_not_slowed_by_one_with_a_relaxed_deadline():
+    pools = [ps(L4, clip_s=60), ps(A10G, clip_s=60)]
+    relaxed = plan(pools, by_needs={Requirements(): 100}, deadline_s=7 * 86400)
+    assert {d.pool: d.target_workers for d in relaxed.decisions}["l4"] == 1  # one worker makes it in a week
+    free = plan(pools, by_needs={Requirements(): 100})
+    both = widest(relaxed, free)
+    assert {d.pool: d.target_workers for d in both.decisions} == {"l4": 8, "gpu24": 0}
+    assert both.estimates == relaxed.estimates
+    tight = plan(pools, by_needs={Requirements(): 100}, deadline_s=600)  # l4 takes 8 x 10 clips, gpu24 the 20 left
+    assert {d.pool: d.target_workers for d in widest(tight, free).decisions} == {"l4": 8, "gpu24": 2}
 
 
 def test_bundles_follow_targets_and_empty_withdraws():
