@@ -192,9 +192,12 @@ def node_types_of(config: dict) -> list[NodeType]:
     """The farm pools in a parsed cluster-launcher config, one entry per (node type, pool)."""
     out = []
     for name, spec in sorted((config.get("available_node_types") or {}).items()):
-        for pool, slots in pools_offered(spec.get("resources") or {}):
-            out.append(NodeType(name, pool, slots, int(spec.get("min_workers", 0)),
-                                int(spec.get("max_workers", config.get("max_workers", 0)))))
+        lo, hi = int(spec.get("min_workers", 0)), int(spec.get("max_workers", config.get("max_workers", 0)))
+        offered = pools_offered(spec.get("resources") or {})
+        if offered and not 0 <= lo <= hi:
+            raise ClusterError(f"min_workers {lo} and max_workers {hi} do not make a range",
+                               field=f"available_node_types.{name}", hint="use 0 <= min_workers <= max_workers")
+        out.extend(NodeType(name, pool, slots, lo, hi) for pool, slots in offered)
     return out
 
 

@@ -27,6 +27,7 @@ from farm.errors import ClusterError
 # Where the start commands read the token from (cluster.yaml sets it; Ray's own default otherwise).
 _TOKEN_PATH_RE = re.compile(r"RAY_AUTH_TOKEN_PATH=([^\s;'\"]+)")
 _TOKEN_MODE_RE = re.compile(r"RAY_AUTH_MODE=token\b")
+_ANY_MODE_RE = re.compile(r"RAY_AUTH_MODE=(\S*)")
 _RAY_DEFAULT_TOKEN = "~/.ray/auth_token"
 
 
@@ -57,8 +58,10 @@ def _fail(path: Path, message: str, hint: str, field: str | None = None) -> Clus
     return ClusterError(message, file=str(path), field=field, hint=hint)
 
 
-def load_config(path: Path) -> LauncherConfig:
-    """Read and check a cluster-launcher config; every problem is one ClusterError line."""
+def load_config(path: Path, farm_checks: bool = True) -> LauncherConfig:
+    """Read and check a cluster-launcher config; every problem is one ClusterError line. Without
+    ``farm_checks`` only Ray's own validation runs: enough to reach (or tear down) a cluster that
+    an edited config would no longer be allowed to create."""
     import yaml
 
     if not path.is_file():
@@ -73,24 +76,38 @@ def load_config(path: Path) -> LauncherConfig:
     if not isinstance(raw, dict):
         raise _fail(path, "a cluster config is a YAML mapping", "start from the repository's cluster.yaml")
     _validate_with_ray(path, raw)
-
-    types = tuple(node_types_of(raw))
+    if not isinstance(raw.get("file_mounts") or {}, dict):
+        raise _fail(path, "file_mounts must be a mapping of node path: local path", field="file_mounts",
+                    hint="write it as in the repository's cluster.yaml")
+    try:
+        types = tuple(node_types_of(raw))
+    except ClusterError as exc:
+        raise _fail(path, exc.message, field=exc.field, hint=exc.hint or "") from None
+    commands = [str(c) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+                for c in raw.get(key) or []]
+    token_paths = {m.group(1) for c in commands for m in _TOKEN_PATH_RE.finditer(c)}
+    on_nodes = sorted(token_paths)[0] if token_paths else _RAY_DEFAULT_TOKEN
+    if not farm_checks:
+        return LauncherConfig(path=path, cluster_name=str(raw.get("cluster_name", "default")),
+                              provider=str((raw.get("provider") or {}).get("type", "")),
+                              head_node_type=str(raw.get("head_node_type", "")), node_types=types,
+                              token_file=Path(on_nodes.replace("$HOME", "~")).expanduser(),
+                              token_path_on_nodes=on_nodes)
     if not types:
         raise _fail(path, "no worker node type offers a farm pool", field="available_node_types",
                     hint='add a resource "farm_pool:<name>": <renderer slots> to a worker type\'s resources')
-    commands = [str(c) for key in ("head_start_ray_commands", "worker_start_ray_commands")
-                for c in raw.get(key) or []]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        if not any(_TOKEN_MODE_RE.search(str(c)) for c in raw.get(key) or []):
+        starts = [str(c) for c in raw.get(key) or [] if "ray start" in str(c)]
+        other_modes = {m.group(1) for c in raw.get(key) or [] for m in _ANY_MODE_RE.finditer(str(c))} - {"token"}
+        # The setting must be in the command that starts Ray (a comment or an echo elsewhere does not count).
+        if not starts or other_modes or not all(_TOKEN_MODE_RE.search(c.split("ray start")[0]) for c in starts):
             raise _fail(path, "starts Ray without token authentication: anyone who reaches its ports could run "
                         "code on the cluster (CVE-2023-48022)", field=key,
-                        hint="export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<file> before 'ray start', "
-                             "as the repository's cluster.yaml does")
-    token_paths = {m.group(1) for c in commands for m in _TOKEN_PATH_RE.finditer(c)}
+                        hint="export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<file> in the same command, before "
+                             "'ray start', as the repository's cluster.yaml does")
     if len(token_paths) > 1:
         raise _fail(path, f"the start commands read the token from different files: {sorted(token_paths)}",
                     field="head_start_ray_commands", hint="every node must read the same RAY_AUTH_TOKEN_PATH")
-    on_nodes = token_paths.pop() if token_paths else _RAY_DEFAULT_TOKEN
     return LauncherConfig(path=path, cluster_name=str(raw.get("cluster_name", "default")),
                           provider=str((raw.get("provider") or {}).get("type", "")),
                           head_node_type=str(raw.get("head_node_type", "")), node_types=types,
@@ -108,8 +125,9 @@ def _validate_with_ray(path: Path, raw: dict) -> None:
         field = ".".join(str(p) for p in exc.absolute_path) or None
         raise _fail(path, f"Ray's cluster schema rejects it: {exc.message}", field=field,
                     hint="see Ray's cluster YAML reference, or compare with the repository's cluster.yaml") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _fail(path, f"Ray's cluster launcher rejects it: {exc}",
+    except Exception as exc:  # Ray's own checks raise whatever they meet (KeyError, NotImplementedError…)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _fail(path, f"Ray's cluster launcher rejects it: {detail}",
                     hint="compare with the repository's cluster.yaml") from None
 
 
@@ -130,6 +148,8 @@ def _local_token_file(path: Path, raw: dict, on_nodes: str) -> Path:
 def ensure_token(config: LauncherConfig) -> bool:
     """Create the cluster's token file if it is missing; True when it was created."""
     if config.token_file.is_file() and config.token_file.read_text().strip():
+        if config.token_file.stat().st_mode & 0o077:  # file_mounts copies the mode to every node
+            config.token_file.chmod(0o600)
         return False
     config.token_file.parent.mkdir(parents=True, exist_ok=True)
     # 256 bits, the same form as `ray get-auth-token --generate`; readable by its owner only.
@@ -144,8 +164,14 @@ def _check_credentials(config: LauncherConfig) -> None:
     if config.provider != "aws":
         return
     import boto3
+    import botocore.exceptions
 
-    if boto3.Session().get_credentials() is None:
+    try:
+        credentials = boto3.Session().get_credentials()
+    except botocore.exceptions.BotoCoreError as exc:  # e.g. an AWS_PROFILE that does not exist
+        raise ClusterError(f"cannot read AWS credentials: {exc}", file=str(config.path), field="provider",
+                           hint="fix AWS_PROFILE or ~/.aws/config, or run 'aws configure'") from None
+    if credentials is None:
         raise ClusterError("no AWS credentials found for the cluster launcher", file=str(config.path),
                            field="provider", hint="run 'aws configure', or set AWS_PROFILE or "
                                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
@@ -179,7 +205,13 @@ def _run(config: LauncherConfig, verb: str, args: list[str], echo: TextIO) -> La
             for line in proc.stdout:
                 log_file.write(line)
                 log_file.flush()
-                in_traceback = in_traceback or line.startswith("Traceback (most recent call last)")
+                if line.startswith("Traceback (most recent call last)"):
+                    in_traceback = True
+                elif in_traceback and line[:1] not in (" ", "\t", "\n", "") and not line.startswith(
+                        ("During handling", "The above exception")):
+                    in_traceback = False  # the exception's own line closes the traceback: kept as last_line
+                    last_line = line.strip()
+                    continue
                 if not in_traceback:
                     echo.write(line)
                 if line.strip():
@@ -207,15 +239,16 @@ def up(path: Path, *, restart: bool = True, echo: TextIO = sys.stderr) -> Launch
 
 
 def down(path: Path, *, echo: TextIO = sys.stderr) -> LauncherRun:
-    """Terminate every node of the cluster: `ray down`."""
-    config = load_config(path)
+    """Terminate every node of the cluster: `ray down`. Ray's checks only: a config edited since
+    `up` must still be able to stop the nodes that bill."""
+    config = load_config(path, farm_checks=False)
     _check_credentials(config)
     return _checked(config, "down", _run(config, "down", ["down", "--yes", str(path)], echo))
 
 
 def status(path: Path, *, echo: TextIO = sys.stderr) -> LauncherRun:
     """Ray's view of the cluster (nodes, resources, pending demands), asked on the head node."""
-    config = load_config(path)
+    config = load_config(path, farm_checks=False)
     _check_credentials(config)
     on_head = (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={config.token_path_on_nodes} ray status")
     return _checked(config, "exec", _run(config, "status", ["exec", str(path), on_head], echo))

@@ -54,6 +54,16 @@ def _drop_token_auth(config):
                                            for c in config["worker_start_ray_commands"]]
 
 
+def _token_auth_only_in_a_comment(config):
+    config["head_start_ray_commands"] = ["ray stop  # RAY_AUTH_MODE=token",
+                                         "ray start --head --port=6379 --dashboard-host=127.0.0.1"]
+
+
+def _token_auth_overridden(config):
+    config["worker_start_ray_commands"] = [c.replace("ray start", "RAY_AUTH_MODE=disabled ray start")
+                                           for c in config["worker_start_ray_commands"]]
+
+
 def _no_pools(config):
     for spec in config["available_node_types"].values():
         spec["resources"] = {k: v for k, v in spec["resources"].items() if not k.startswith("farm_pool:")}
@@ -66,10 +76,17 @@ def _no_pools(config):
          "available_node_types.l4.max_workers: Ray's cluster schema rejects it: 'many' is not of type 'integer'"),
         (lambda c: c.update(head_node_type="nowhere"), "Ray's cluster launcher rejects it"),
         (_drop_token_auth, "worker_start_ray_commands: starts Ray without token authentication"),
+        (_token_auth_only_in_a_comment, "head_start_ray_commands: starts Ray without token authentication"),
+        (_token_auth_overridden, "worker_start_ray_commands: starts Ray without token authentication"),
+        (lambda c: c["available_node_types"]["l4"].update(min_workers=9),
+         "available_node_types.l4: min_workers 9 and max_workers 8 do not make a range"),
+        (lambda c: c.update(file_mounts=["~/.farm/ray-token"]), "Ray's cluster"),
+        (lambda c: c["provider"].update(type="nowhere-cloud"), "Ray's cluster launcher rejects it"),
         (_no_pools, "available_node_types: no worker node type offers a farm pool"),
         (lambda c: c.update(file_mounts={}), "file_mounts: the nodes read the Ray token from"),
     ],
-    ids=["schema", "head-type", "no-token-auth", "no-pools", "token-not-mounted"],
+    ids=["schema", "head-type", "no-token-auth", "token-auth-in-a-comment", "token-auth-overridden",
+         "min-above-max", "file-mounts-list", "unknown-provider", "no-pools", "token-not-mounted"],
 )
 @pytest.mark.parametrize("command", ["check", "up"])
 def test_bad_config_is_one_line_exit_2(home, tmp_path, edit, expected, command):
@@ -125,3 +142,19 @@ def test_launcher_failure_is_its_last_line_without_the_traceback(home):
     assert "Traceback (most recent call last)" in log.read_text()  # kept for whoever debugs it
     assert "Cluster: farm" in result.stderr.replace("\x1b[37m", "").replace("\x1b[39m", "").replace(
         "\x1b[1m", "").replace("\x1b[22m", "")  # the launcher's progress is shown as it runs
+
+
+def test_down_needs_only_rays_checks_so_an_edited_config_can_still_stop_the_nodes(home, tmp_path):
+    path = _variant(tmp_path, _drop_token_auth)
+    assert farm(home, "cluster", "up", str(path)).returncode == 2  # never launched like this …
+    down = farm(home, "cluster", "down", str(path))  # … but tearing down goes on to the launcher
+    assert down.returncode == 2 and "no AWS credentials found" in down.stderr, down.stderr
+
+
+def test_an_existing_token_readable_by_others_is_made_private(home):
+    token = home / ".farm" / "ray-token" / "auth_token"
+    token.parent.mkdir(parents=True)
+    token.write_text("a" * 64)
+    token.chmod(0o644)  # as `cp ~/.ray/auth_token` leaves it
+    farm(home, "cluster", "up")
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "a" * 64
