@@ -205,10 +205,22 @@ def _call(ref, timeout: float | None = None):
 def _named_catalog(catalog_root: str | Path | None) -> str | None:
     """The catalog a client asks a cluster's controller to use when it starts one. The cluster
     keeps its own (the head's FARM_CATALOG) unless this client was told where (argument or
-    environment)."""
+    environment) — and a local path means something to the controller only when the head node is
+    this machine: a laptop's folder must not become the catalog path on a cloud head."""
     if catalog_root or os.environ.get("FARM_CATALOG") or os.environ.get("FARM_HOME"):
-        return _catalog(catalog_root).location
+        location = _catalog(catalog_root).location
+        if location.startswith("s3://") or _head_is_here():
+            return location
     return None
+
+
+def _head_is_here() -> bool:
+    import ray
+    from ray.util import get_node_ip_address
+
+    here = get_node_ip_address()
+    return any(n["Alive"] and "node:__internal_head__" in n["Resources"] and n["NodeManagerAddress"] == here
+               for n in ray.nodes())
 
 
 def _running_controller():
@@ -309,10 +321,23 @@ def follow(controller, progress: JobProgress, on_progress: Callable[[JobProgress
         if on_progress:
             on_progress(progress)
         time.sleep(poll_s)
-        progress = _call(controller.progress.remote(progress.job_id))
+        job_id = progress.job_id
+        progress = _call(controller.progress.remote(job_id)) or _from_catalog(controller, job_id)
     if on_progress:
         on_progress(progress)
     return progress
+
+
+def _from_catalog(controller, job_id: str) -> JobProgress:
+    """A job the controller no longer holds (restarted by Ray after the job ended, or the job was
+    dropped): what the catalog says of it."""
+    status, live = _call(controller.job_status.remote(job_id))
+    if live is not None:
+        return live
+    c = status.counts
+    state = "interrupted" if status.state in ("running", "submitted") else status.state
+    return JobProgress(job_id, status.job.task_count, c.get("succeeded", 0), c.get("failed", 0), 0,
+                       c.get("pending", 0), 0, state, 0.0, None, 0)
 
 
 def _stop_embedded(controller) -> None:

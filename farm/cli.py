@@ -103,6 +103,10 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     seconds = round(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -163,7 +167,8 @@ def plan(
         if key == "routes":
             value = ", ".join(f"{n} tasks → pool {pool}" for pool, n in value.items()) or "nothing to route"
         if key == "deadline_s":
-            key, value = "deadline", (f"in {_duration(value)}" if value is not None else "none")
+            key, value = "deadline", ("none" if value is None else f"in {_duration(value)}" if value >= 0
+                                      else f"passed {_duration(-value)} ago: workers are sized as without one")
         out.print(f"{key.replace('_', ' '):>20}: {value}", markup=False)
     if p.scaling:
         table = Table(title="to render it" + (" by the deadline" if p.deadline_s is not None else ""))
@@ -244,6 +249,10 @@ def submit(
     def remember(p: api.Plan, job_id: str) -> None:
         job_ids.append(job_id)
         on_plan(p, job_id)
+        if address and p.to_render and not p.manifest.output.startswith("s3://"):
+            err.print(f"note: output {p.manifest.output} is a local path: each node writes its clips to that "
+                      "path on its own disk — use an s3:// output or a mount every node shares",
+                      markup=False, highlight=False)
 
     try:
         with progress:
@@ -574,8 +583,8 @@ def cluster_up(
 
     launcher.up(config, restart=restart)
     _launched(config, "is up")
-    out.print(f"next: ray attach {config}, then 'farm submit MANIFEST --address auto' on the head node",
-              markup=False, highlight=False)
+    out.print(f"next: ray attach {config}, then 'farm submit MANIFEST --address auto' on the head node "
+              "(farm's image sets RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH for that shell)", markup=False, highlight=False)
 
 
 @cluster_app.command("down")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import itertools
+import math
 import re
 import string
 import types
@@ -175,12 +176,17 @@ class Manifest(BaseModel):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_DURATION_S = 366 * 86400
 
 
 def deadline_seconds(value: str | float, now: datetime) -> float:
-    """Seconds from ``now`` to a manifest's ``deadline`` (a duration, or a time with its zone)."""
+    """Seconds from ``now`` to a manifest's ``deadline`` (a duration, or a time with its zone).
+    A time already past gives a negative number, not an error: re-submitting a late campaign to
+    resume it must still work (the plan then says the deadline has passed)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError(f"{value} is not a number of seconds: give e.g. 3600 or 6h")
     else:
         match = _DURATION.match(str(value))
         if match:
@@ -193,11 +199,12 @@ def deadline_seconds(value: str | float, now: datetime) -> float:
                                  "2027-03-01T09:00:00+01:00") from None
             if at.tzinfo is None:
                 raise ValueError(f"{value!r} has no time zone: add one, e.g. {at.isoformat()}+00:00")
-            seconds = (at - now).total_seconds()
-            if seconds <= 0:
-                raise ValueError(f"{value} is in the past: give a later time or a duration such as 6h")
+            return (at - now).total_seconds()
     if seconds <= 0:
         raise ValueError("must be positive: give a duration such as 6h or a future time")
+    if seconds > _MAX_DURATION_S:
+        raise ValueError(f"{value} is more than a year: give a shorter duration, or a time such as "
+                         "2027-03-01T09:00:00+01:00")
     return seconds
 
 

@@ -162,6 +162,14 @@ def test_dockerfile_builds_farm_on_the_clients_ray():
     assert json.loads(next(rest for w, rest in instructions if w == "CMD"))[0] == "farm"
 
 
+def test_dockerfile_turns_token_auth_on_with_cluster_yamls_token(cluster):
+    env = dict(re.findall(r"(RAY_AUTH_\w+)=(\S+)", " ".join(rest for w, rest in _dockerfile() if w == "ENV")))
+    assert env["RAY_AUTH_MODE"] == "token"
+    start = " ".join(cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
+    on_nodes = set(re.findall(r"RAY_AUTH_TOKEN_PATH=([^\s;]+)", start))
+    assert {p.replace("$HOME", "/home/ray") for p in on_nodes} == {env["RAY_AUTH_TOKEN_PATH"]}
+
+
 def test_dockerfile_torch_is_within_pyprojects_range():
     torch_spec = Requirement(_arg_defaults(_dockerfile())["TORCH_SPEC"]).specifier
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -225,7 +225,8 @@ def test_output_defaults_under_farm_home_and_resolves_relative_to_manifest(tmp_p
         ),
         (BASE + "deadline: soon\n", ":6: deadline: 'soon' is neither a duration nor a time: write e.g. 6h, 90m"),
         (BASE + "deadline: -5\n", ":6: deadline: must be positive"),
-        (BASE + "deadline: 2020-01-01T00:00:00+00:00\n", ":6: deadline: 2020-01-01T00:00:00+00:00 is in the past"),
+        (BASE + "deadline: .nan\n", ":6: deadline: nan is not a number of seconds"),
+        (BASE + "deadline: 400d\n", ":6: deadline: 400d is more than a year"),
         (BASE + "deadline: 2099-01-01\n", ":6: deadline: '2099-01-01' has no time zone"),
         (BASE + "deadline: '2099-01-01T09:00'\n", ":6: deadline: '2099-01-01T09:00' has no time zone: add one"),
         (
@@ -276,3 +277,12 @@ def test_deadline_is_a_duration_or_a_time_with_its_zone(value, seconds):
 def test_unquoted_yaml_time_is_a_deadline(write_manifest, farm_home):
     loaded = load_manifest(write_manifest(BASE + "deadline: 2099-03-01T09:00:00+01:00\n"))
     assert loaded.manifest.deadline == "2099-03-01T09:00:00+01:00"
+
+
+def test_a_passed_deadline_does_not_stop_a_late_campaign_from_resuming(write_manifest, farm_home):
+    from datetime import UTC, datetime
+
+    from farm.manifest import deadline_seconds
+
+    loaded = load_manifest(write_manifest(BASE + "deadline: 2020-01-01T00:00:00+00:00\n"))
+    assert deadline_seconds(loaded.manifest.deadline, datetime(2020, 1, 1, 0, 5, tzinfo=UTC)) == -300
