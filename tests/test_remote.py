@@ -106,7 +106,7 @@ def wait_until(condition, timeout: float, what: str):
 
 
 def test_detached_submit_survives_a_lost_worker_node_exactly_once(cluster):
-    slow = json.dumps({"prompt_contains": "remote", "action": "slow", "hang_s": 0.7})
+    slow = json.dumps({"prompt_contains": "remote", "action": "slow", "hang_s": 1.5})  # ~8 s on 3 slots
     path = write_manifest(cluster, "remote", 16)
     handed = farm_json(cluster, "submit", str(path), "--address", cluster.address,
                        env={"FARM_TEST_FAULTS": slow})
