@@ -37,7 +37,7 @@ from farm.metrics import (
     JobSnapshot,
     PoolSnapshot,
 )
-from farm.scaling import PoolScaling, ScalingPlan, resource_bundles, widest
+from farm.scaling import PoolScaling, ScalingPlan, renderers_to_release, resource_bundles, widest
 from farm.scaling import plan as scaling_plan
 from farm.scheduler import Decision, Dispatch, JobLimits, Outcome, Scheduler
 from farm.storage import OutputTarget, StorageOptions, open_sink
@@ -440,9 +440,8 @@ class Controller:
         """A resident renderer holds its node's farm_pool slot, so Ray's autoscaler never sees the
         node idle: once the pool is scaled down, stop idle renderers beyond what it keeps."""
         renderers = [r for r in self.renderers.values() if r.pool == pool]
-        idle = [r for r in renderers if r.ready and not r.queue]
-        for renderer in idle[:max(0, len(renderers) - keep)]:
-            self._retire(renderer, "pool scaled down: its node may go")
+        for slot in renderers_to_release([(r.slot, r.node_id, r.ready and not r.queue) for r in renderers], keep):
+            self._retire(self.renderers[slot], "pool scaled down: its node may go")
 
     def _scale_renderers(self) -> None:
         """Start renderers where queued work needs them: for each job in priority order, in the

@@ -231,6 +231,23 @@ def widest(deadline_plan: ScalingPlan, free_plan: ScalingPlan) -> ScalingPlan:
     return replace(deadline_plan, decisions=decisions)
 
 
+def renderers_to_release(renderers: Iterable[tuple[str, str, bool]], keep: int) -> list[str]:
+    """Which renderers of a scaled-down pool to stop, given ``(slot, node, idle)`` for each and the
+    number of slots the pool keeps: only whole nodes whose renderers are all idle, as long as the
+    pool keeps ``keep``. The autoscaler removes a node only when nothing holds it, so stopping some
+    renderers of a node while others work frees nothing and only costs a model load later."""
+    by_node: dict[str, list[tuple[str, bool]]] = {}
+    for slot, node, idle in renderers:
+        by_node.setdefault(node or slot, []).append((slot, idle))  # an unknown node stands alone
+    excess = sum(len(members) for members in by_node.values()) - keep
+    released: list[str] = []
+    for members in sorted(by_node.values(), key=len):
+        if len(members) <= excess and all(idle for _, idle in members):
+            released.extend(slot for slot, _ in members)
+            excess -= len(members)
+    return released
+
+
 def resource_bundles(decisions: ScalingPlan | Iterable[ScalingDecision]) -> list[dict[str, float]]:
     """Bundles for ``ray.autoscaler.sdk.request_resources(bundles=...)``: one ``{"farm_pool:<name>": 1}``
     per renderer slot the targets want. Only nodes of the pool's type offer that resource, so the

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from farm.config import DEFAULT_SECONDS_PER_CLIP, SCALE_DOWN_IDLE_S
-from farm.scaling import PoolScaling, ScalingDecision, decide, plan, resource_bundles, route, widest
+from farm.scaling import (
+    PoolScaling,
+    ScalingDecision,
+    decide,
+    plan,
+    renderers_to_release,
+    resource_bundles,
+    route,
+    widest,
+)
 from farm.task import Pool, Requirements
 
 L4 = Pool("l4", "L4", 24, 0.80)
@@ -145,6 +154,25 @@ def test_jobs_without_a_deadline_are_not_slowed_by_one_with_a_relaxed_deadline()
     assert both.estimates == relaxed.estimates
     tight = plan(pools, by_needs={Requirements(): 100}, deadline_s=600)  # l4 takes 8 x 10 clips, gpu24 the 20 left
     assert {d.pool: d.target_workers for d in widest(tight, free).decisions} == {"l4": 8, "gpu24": 2}
+
+
+@pytest.mark.parametrize(
+    ("renderers", "keep", "released"),
+    [
+        ([("a", "n1", True), ("b", "n2", True), ("c", "n3", False)], 1, ["a", "b"]),  # one-slot nodes
+        ([("a", "n1", True), ("b", "n2", True)], 2, []),  # the pool keeps them all
+        # An 8-slot node with one renderer still working frees nothing: leave all of it.
+        ([(f"s{i}", "big", i != 3) for i in range(8)], 0, []),
+        ([(f"s{i}", "big", True) for i in range(8)], 0, [f"s{i}" for i in range(8)]),
+        # Keep 8 of 16 slots: one whole idle node goes, the other stays.
+        ([(f"a{i}", "n1", True) for i in range(8)] + [(f"b{i}", "n2", True) for i in range(8)], 8,
+         [f"a{i}" for i in range(8)]),
+        ([(f"a{i}", "n1", True) for i in range(8)], 3, []),  # freeing 5 slots of a node frees no node
+        ([("a", "", True), ("b", "", True)], 0, ["a", "b"]),  # node not known yet: each stands alone
+    ],
+)
+def test_only_whole_idle_nodes_are_released(renderers, keep, released):
+    assert renderers_to_release(renderers, keep) == released
 
 
 def test_bundles_follow_targets_and_empty_withdraws():
