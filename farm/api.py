@@ -121,30 +121,11 @@ def _pool_scalings(address: str | None, cluster_config: str | Path | None = None
     return [PoolScaling(Pool(cluster.LOCAL_POOL), 1, slots, 1, 1)]
 
 
-def _fixed(capacity) -> PoolScaling:
-    nodes = max(1, len(capacity.nodes))
-    return PoolScaling(capacity.pool, nodes, max(1, capacity.slots // nodes), nodes, nodes)
-
-
 def _cluster_scalings() -> list[PoolScaling]:
     """Pools with nodes now, and those the cluster's autoscaler can start nodes for, with the
-    clip times the controller has measured on each."""
-    from farm import cluster
-
+    clip times the controller has measured on each: the controller's own view."""
     controller = _running_controller() or get_or_start_controller(_named_catalog(None))
-    status = _call(controller.scaling_status.remote())
-    measured = status["clip_seconds"]
-    capacity = {c.pool.name: c for c in cluster.discover_pools()}
-    out = {}
-    for t in status["node_types"]:
-        name = t["pool"]["name"]
-        cap = capacity.get(name)
-        out[name] = PoolScaling(Pool(**t["pool"]), len(cap.nodes) if cap else 0, t["slots_per_node"],
-                                t["min_workers"], t["max_workers"], measured.get(name))
-    for name, cap in capacity.items():
-        if name not in out:  # a fixed pool: workstations that joined by hand
-            out[name] = replace(_fixed(cap), seconds_per_clip=measured.get(name))
-    return list(out.values())
+    return _call(controller.pool_scalings.remote())
 
 
 def plan(
@@ -276,7 +257,8 @@ def submit(
         else:
             location = local_catalog.location
             job_plan = plan(manifest_path, loaded=mf, catalog_root=location,
-                            scalings=[_fixed(c) for c in cluster.discover_pools()])
+                            scalings=[PoolScaling.fixed(c.pool, len(c.nodes), c.slots)
+                                      for c in cluster.discover_pools()])
             controller = get_or_start_controller(location) if job_plan.to_render else None
         job_id = _new_job_id(mf.manifest.campaign)
         record = _job_record(job_id, manifest_path, job_plan, submitted_at)

@@ -563,10 +563,7 @@ app.add_typer(cluster_app, name="cluster")
 ClusterConfigArg = Annotated[Path, typer.Argument(help="The cluster-launcher config.")]
 
 
-def _launched(config_path: Path, what: str) -> None:
-    from farm import launcher
-
-    config = launcher.load_config(config_path)
+def _launched(config, what: str) -> None:
     pools = ", ".join(f"{t.pool.name} ({t.pool.gpu_type} {t.pool.vram_gb} GB, ${t.pool.cost_per_hour:.2f}/h per slot, "
                       f"{t.min_workers}–{t.max_workers} '{t.name}' nodes)" for t in config.node_types)
     out.print(f"cluster '{config.cluster_name}' {what}; pools: {pools}", markup=False, highlight=False)
@@ -581,8 +578,7 @@ def cluster_up(
     are started by Ray's autoscaler when farm asks for them."""
     from farm import launcher
 
-    launcher.up(config, restart=restart)
-    _launched(config, "is up")
+    _launched(launcher.up(config, restart=restart).config, "is up")
     out.print(f"next: ray attach {config}, then 'farm submit MANIFEST --address auto' on the head node "
               "(farm's image sets RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH for that shell)", markup=False, highlight=False)
 
@@ -593,8 +589,7 @@ def cluster_down(config: ClusterConfigArg = Path("cluster.yaml")) -> None:
     FARM_CATALOG points at S3."""
     from farm import launcher
 
-    launcher.down(config)
-    _launched(config, "is down")
+    _launched(launcher.down(config).config, "is down")
 
 
 @cluster_app.command("status")
@@ -608,7 +603,9 @@ def cluster_status(config: ClusterConfigArg = Path("cluster.yaml")) -> None:
 @cluster_app.command("check")
 def cluster_check(config: ClusterConfigArg = Path("cluster.yaml")) -> None:
     """Check CONFIG the way 'farm cluster up' does (Ray's schema, farm pools, token auth), offline."""
-    _launched(config, "config is valid")
+    from farm import launcher
+
+    _launched(launcher.load_config(config), "config is valid")
 
 
 def main() -> None:

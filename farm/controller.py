@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 
 from farm.catalog import AttemptWriter, Catalog, JobRecord, attempt_row
 from farm.config import AUTOSCALE_INTERVAL_S
+from farm.errors import ClusterError
 from farm.metrics import (
     FINISHED_JOB_TTL_S,
     ControllerMetrics,
@@ -167,8 +168,11 @@ class Controller:
             from farm.cluster import autoscaler_node_types
 
             self.node_types = autoscaler_node_types()
-        except Exception as exc:  # a broken cluster config must not stop the farm: it just won't scale
+        except (ClusterError, ValueError, TypeError, AttributeError) as exc:  # a broken config: no scaling
             self.errors.append(f"autoscaling off: {exc}")
+        self.launchable = {t.pool.name for t in self.node_types}
+        self._refresh_pools()  # pool_scalings() may be asked before the first dispatch turn
+        self._last_pool_refresh = time.monotonic()
         self.restored = self._restore()
         self._thread = threading.Thread(target=self._run, name="farm-dispatch", daemon=True)
         self._thread.start()
@@ -258,6 +262,25 @@ class Controller:
                      "ready": r.ready, "node_id": r.node_id, "actor_id": r.actor_id, "pid": r.pid}
                     for r in self.renderers.values()]
 
+    def pool_scalings(self, now: float | None = None) -> list[PoolScaling]:
+        """Every pool as the scaling decisions see it: the launchable ones (nodes now, min/max,
+        measured seconds per clip, idle time) and the fixed ones, which take their share."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            out = []
+            for t in self.node_types:
+                cap = self.capacity.get(t.pool.name)
+                out.append(PoolScaling(t.pool, len(cap.nodes) if cap else 0, t.slots_per_node, t.min_workers,
+                                       t.max_workers, self._clip_seconds(t.pool.name),
+                                       now - self._pool_busy_at.get(t.pool.name, self.started)))
+            out += [PoolScaling.fixed(cap.pool, len(cap.nodes), cap.slots, self._clip_seconds(name))
+                    for name, cap in self.capacity.items() if name not in self.launchable]
+            return out
+
+    def _clip_seconds(self, pool: str) -> float | None:
+        busy_s, clips = self.clip_seconds.get(pool, (0.0, 0))
+        return busy_s / clips if clips else None
+
     def scaling_status(self) -> dict:
         """What the controller last asked the autoscaler for, and why."""
         with self.lock:
@@ -269,7 +292,6 @@ class Controller:
                 "estimates": [asdict(e) for e in plan.estimates] if plan else [],
                 "backlog": dict(plan.backlog) if plan else {},
                 "unroutable": plan.unroutable if plan else 0,
-                "clip_seconds": {pool: busy / n for pool, (busy, n) in self.clip_seconds.items() if n},
             }
 
     def recent_errors(self) -> list[str]:
@@ -400,18 +422,7 @@ class Controller:
         jobs), and hand the result to Ray's autoscaler as a standing request."""
         from ray.autoscaler.sdk import request_resources
 
-        pools = []
-        launchable = {t.pool.name for t in self.node_types}
-        for t in self.node_types:
-            cap = self.capacity.get(t.pool.name)
-            busy_s, clips = self.clip_seconds.get(t.pool.name, (0.0, 0))
-            pools.append(PoolScaling(t.pool, len(cap.nodes) if cap else 0, t.slots_per_node, t.min_workers,
-                                     t.max_workers, busy_s / clips if clips else None,
-                                     now - self._pool_busy_at.get(t.pool.name, self.started)))
-        for name, cap in self.capacity.items():  # fixed pools (workstations that joined) take their share
-            if name not in launchable:
-                nodes = len(cap.nodes)
-                pools.append(PoolScaling(cap.pool, nodes, max(1, cap.slots // max(nodes, 1)), nodes, nodes))
+        pools = self.pool_scalings(now)
         live = [j for j in self.jobs.values() if j.cancel_at is None]
         deadlines = [(j.record.deadline_at - datetime.now(UTC)).total_seconds()
                      for j in live if j.record.deadline_at is not None]
@@ -428,9 +439,9 @@ class Controller:
             if r.queue or not r.ready:  # rendering or loading: the pool is not idle, whatever the plan says
                 self._pool_busy_at[r.pool] = now
         for d in plan.decisions:
-            if d.pool in launchable and not plan.backlog.get(d.pool):
+            if d.pool in self.launchable and not plan.backlog.get(d.pool):
                 self._release_idle_renderers(d.pool, keep=d.target_workers * d.slots_per_worker)
-        bundles = resource_bundles([d for d in plan.decisions if d.pool in launchable])
+        bundles = resource_bundles([d for d in plan.decisions if d.pool in self.launchable])
         if bundles != self.requested_bundles:
             request_resources(bundles=bundles)  # replaces the previous request; [] withdraws it
             self.requested_bundles = bundles
@@ -592,7 +603,6 @@ class Controller:
             targets = {d.pool: d.target_workers for d in self.scaling.decisions} if self.scaling else {}
             pools = {name: (cap.pool, cap) for name, cap in self.capacity.items()}
             pools.update({t.pool.name: (t.pool, None) for t in self.node_types if t.pool.name not in pools})
-            launchable = {t.pool.name for t in self.node_types}
             pool_snaps = []
             for name, (pool, cap) in sorted(pools.items()):
                 states = {"busy": 0, "idle": 0, "loading": 0}
@@ -601,7 +611,7 @@ class Controller:
                         states["loading" if not r.ready else "busy" if r.queue else "idle"] += 1
                 pool_snaps.append(PoolSnapshot(name, pool.gpu_type or "", pool.vram_gb, pool.cost_per_hour,
                                                cap.slots if cap else 0, states, len(cap.nodes) if cap else 0,
-                                               targets.get(name, 0) if name in launchable else None))
+                                               targets.get(name, 0) if name in self.launchable else None))
             return FarmSnapshot(job_snaps, pool_snaps)
 
     def _renderer_lost(self, slot: str, reason: str) -> None:

@@ -16,7 +16,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -48,6 +48,7 @@ class LauncherConfig:
 class LauncherRun:
     """One run of the Ray launcher."""
 
+    config: LauncherConfig
     command: tuple[str, ...]
     returncode: int
     log: str
@@ -87,12 +88,13 @@ def load_config(path: Path, farm_checks: bool = True) -> LauncherConfig:
                 for c in raw.get(key) or []]
     token_paths = {m.group(1) for c in commands for m in _TOKEN_PATH_RE.finditer(c)}
     on_nodes = sorted(token_paths)[0] if token_paths else _RAY_DEFAULT_TOKEN
+    config = LauncherConfig(path=path, cluster_name=str(raw.get("cluster_name", "default")),
+                            provider=str((raw.get("provider") or {}).get("type", "")),
+                            head_node_type=str(raw.get("head_node_type", "")), node_types=types,
+                            token_file=Path(on_nodes.replace("$HOME", "~")).expanduser(),
+                            token_path_on_nodes=on_nodes)
     if not farm_checks:
-        return LauncherConfig(path=path, cluster_name=str(raw.get("cluster_name", "default")),
-                              provider=str((raw.get("provider") or {}).get("type", "")),
-                              head_node_type=str(raw.get("head_node_type", "")), node_types=types,
-                              token_file=Path(on_nodes.replace("$HOME", "~")).expanduser(),
-                              token_path_on_nodes=on_nodes)
+        return config
     if not types:
         raise _fail(path, "no worker node type offers a farm pool", field="available_node_types",
                     hint='add a resource "farm_pool:<name>": <renderer slots> to a worker type\'s resources')
@@ -108,10 +110,7 @@ def load_config(path: Path, farm_checks: bool = True) -> LauncherConfig:
     if len(token_paths) > 1:
         raise _fail(path, f"the start commands read the token from different files: {sorted(token_paths)}",
                     field="head_start_ray_commands", hint="every node must read the same RAY_AUTH_TOKEN_PATH")
-    return LauncherConfig(path=path, cluster_name=str(raw.get("cluster_name", "default")),
-                          provider=str((raw.get("provider") or {}).get("type", "")),
-                          head_node_type=str(raw.get("head_node_type", "")), node_types=types,
-                          token_file=_local_token_file(path, raw, on_nodes), token_path_on_nodes=on_nodes)
+    return replace(config, token_file=_local_token_file(path, raw, on_nodes))
 
 
 def _validate_with_ray(path: Path, raw: dict) -> None:
@@ -125,7 +124,8 @@ def _validate_with_ray(path: Path, raw: dict) -> None:
         field = ".".join(str(p) for p in exc.absolute_path) or None
         raise _fail(path, f"Ray's cluster schema rejects it: {exc.message}", field=field,
                     hint="see Ray's cluster YAML reference, or compare with the repository's cluster.yaml") from None
-    except Exception as exc:  # Ray's own checks raise whatever they meet (KeyError, NotImplementedError…)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
+            AssertionError) as exc:  # what Ray's own checks raise on configs its schema lets through
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _fail(path, f"Ray's cluster launcher rejects it: {detail}",
                     hint="compare with the repository's cluster.yaml") from None
@@ -218,7 +218,7 @@ def _run(config: LauncherConfig, verb: str, args: list[str], echo: TextIO) -> La
                     last_line = line.strip()
         finally:
             returncode = proc.wait()
-    return LauncherRun(command, returncode, str(log), last_line)
+    return LauncherRun(config, command, returncode, str(log), last_line)
 
 
 def _checked(config: LauncherConfig, verb: str, run: LauncherRun) -> LauncherRun:

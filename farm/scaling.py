@@ -53,6 +53,12 @@ class PoolScaling:
         if self.seconds_per_clip is not None and self.seconds_per_clip <= 0:
             raise ValueError(f"pool {self.pool.name}: seconds_per_clip must be positive")
 
+    @classmethod
+    def fixed(cls, pool: Pool, nodes: int, slots: int, seconds_per_clip: float | None = None) -> PoolScaling:
+        """A pool the autoscaler cannot grow or shrink (workstations that joined by hand)."""
+        nodes = max(1, nodes)
+        return cls(pool, nodes, max(1, slots // nodes), nodes, nodes, seconds_per_clip)
+
     @property
     def clip_s(self) -> float:
         return self.seconds_per_clip or DEFAULT_SECONDS_PER_CLIP
