@@ -40,28 +40,38 @@ def decision_cost(tasks: int, calls: int = 200) -> dict:
     from farm.scheduler import Scheduler
     from farm.task import ModelRef, Pool, RenderSettings, Requirements, Task
 
-    pools = [PoolScaling(Pool("l4", "L4", 24, 0.80), 3, 1, 0, 8, 40.0),
-             PoolScaling(Pool("gpu24", "A10G", 24, 1.01), 2, 1, 0, 8, 45.0),
-             PoolScaling(Pool("a100_80", "A100", 80, 5.12), 0, 8, 0, 2, None)]
+    pools = [
+        PoolScaling(Pool("l4", "L4", 24, 0.80), 3, 1, 0, 8, 40.0),
+        PoolScaling(Pool("gpu24", "A10G", 24, 1.01), 2, 1, 0, 8, 45.0),
+        PoolScaling(Pool("a100_80", "A100", 80, 5.12), 0, 8, 0, 2, None),
+    ]
     scheduler = Scheduler()
     for p in pools:
         scheduler.add_pool(p.pool)
     model = ModelRef("tiny", "builtin", "/m", "builtin:bench", "WanPipeline")
-    needs = [Requirements(), Requirements(min_vram_gb=40), Requirements(gpu_type="L4"),
-             Requirements(min_vram_gb=24)]
+    needs = [Requirements(), Requirements(min_vram_gb=40), Requirements(gpu_type="L4"), Requirements(min_vram_gb=24)]
     jobs = 10
     for j in range(jobs):
-        batch = [Task(f"t{j}-{i}", "p", i, model, RenderSettings(64, 64, 9, 8, 4, 5.0), (),
-                      needs=needs[i % len(needs)]) for i in range(tasks // jobs)]
+        batch = [
+            Task(f"t{j}-{i}", "p", i, model, RenderSettings(64, 64, 9, 8, 4, 5.0), (), needs=needs[i % len(needs)])
+            for i in range(tasks // jobs)
+        ]
         scheduler.add_job(f"job{j}", batch)
     started = time.perf_counter()
     for _ in range(calls):
         result = scaling_plan(pools, by_needs=scheduler.backlog_by_needs(), deadline_s=6 * 3600.0)
     per_call_ms = (time.perf_counter() - started) / calls * 1000
-    return {"queued_tasks": tasks, "jobs": jobs, "requirement_groups": len(needs), "pools": len(pools),
-            "calls": calls, "ms_per_decision": round(per_call_ms, 3),
-            "decided_workers": {d.pool: d.target_workers for d in result.decisions},
-            "cost_dollars": round(result.cost_dollars, 2), "reachable": result.reachable}
+    return {
+        "queued_tasks": tasks,
+        "jobs": jobs,
+        "requirement_groups": len(needs),
+        "pools": len(pools),
+        "calls": calls,
+        "ms_per_decision": round(per_call_ms, 3),
+        "decided_workers": {d.pool: d.target_workers for d in result.decisions},
+        "cost_dollars": round(result.cost_dollars, 2),
+        "reachable": result.reachable,
+    }
 
 
 def reaction(clips: int) -> dict:
@@ -71,28 +81,55 @@ def reaction(clips: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="farm-bench-autoscale-"))
     config = tmp / "autoscaler.yaml"
-    cluster = RayCliCluster(env={
-        "RAY_FAKE_CLUSTER": "1", "FARM_CATALOG": str(tmp / "catalog"),
-        "FARM_MODELS_DIR": os.environ.get("FARM_MODELS_DIR", str(tmp / "models")),
-        "FARM_METRICS_ADDRESS": "127.0.0.1:0", "FARM_CLUSTER_CONFIG": str(config),
-        "FARM_AUTOSCALE_INTERVAL_S": "1", "FARM_SCALE_DOWN_IDLE_S": "5"})
+    cluster = RayCliCluster(
+        env={
+            "RAY_FAKE_CLUSTER": "1",
+            "FARM_CATALOG": str(tmp / "catalog"),
+            "FARM_MODELS_DIR": os.environ.get("FARM_MODELS_DIR", str(tmp / "models")),
+            "FARM_METRICS_ADDRESS": "127.0.0.1:0",
+            "FARM_CLUSTER_CONFIG": str(config),
+            "FARM_AUTOSCALE_INTERVAL_S": "1",
+            "FARM_SCALE_DOWN_IDLE_S": "5",
+        }
+    )
     idle_timeout_min = 0.1
-    config.write_text(yaml.safe_dump({
-        "cluster_name": "bench", "max_workers": 2, "upscaling_speed": 1.0,
-        "idle_timeout_minutes": idle_timeout_min,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{cluster.port}",
-                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
-        "auth": {"ssh_user": "ubuntu"}, "head_node_type": "ray.head.default",
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "burst": {"resources": {"CPU": 1, **BURST}, "node_config": {}, "min_workers": 0, "max_workers": 2}},
-        "file_mounts": {}, "cluster_synced_files": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
-        "worker_start_ray_commands": []}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "cluster_name": "bench",
+                "max_workers": 2,
+                "upscaling_speed": 1.0,
+                "idle_timeout_minutes": idle_timeout_min,
+                "provider": {
+                    "type": "fake_multinode",
+                    "gcs_address": f"127.0.0.1:{cluster.port}",
+                    "use_node_id_as_ip": True,
+                    "disable_node_updaters": True,
+                    "disable_launch_config_check": True,
+                },
+                "auth": {"ssh_user": "ubuntu"},
+                "head_node_type": "ray.head.default",
+                "available_node_types": {
+                    "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                    "burst": {"resources": {"CPU": 1, **BURST}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+                },
+                "file_mounts": {},
+                "cluster_synced_files": [],
+                "initialization_commands": [],
+                "setup_commands": [],
+                "head_setup_commands": [],
+                "worker_setup_commands": [],
+                "head_start_ray_commands": [],
+                "worker_start_ray_commands": [],
+            }
+        )
+    )
     manifest = tmp / "burst.yaml"
-    manifest.write_text(f"campaign: burst\nprompt: 'clip {{n}}'\nrender: {{width: 32, height: 32, frames: 5, "
-                        f"steps: 2}}\nrequirements: {{min_vram_gb: 100}}\noutput: {tmp / 'clips'}\n"
-                        f"axes:\n  n: [{', '.join(map(str, range(clips)))}]\n")
+    manifest.write_text(
+        f"campaign: burst\nprompt: 'clip {{n}}'\nrender: {{width: 32, height: 32, frames: 5, "
+        f"steps: 2}}\nrequirements: {{min_vram_gb: 100}}\noutput: {tmp / 'clips'}\n"
+        f"axes:\n  n: [{', '.join(map(str, range(clips)))}]\n"
+    )
     marks: dict[str, float] = {}
     nodes_seen: set[str] = set()
     try:
@@ -129,11 +166,18 @@ def reaction(clips: int) -> dict:
                 break
             time.sleep(0.5)
         status, _ = ray.get(controller.job_status.remote(handed.job_id))
-        return {"clips": clips, "nodes_launched": len(nodes_seen), "succeeded": status.counts["succeeded"],
-                "autoscale_interval_s": 1, "scale_down_idle_s": 5, "idle_timeout_minutes": idle_timeout_min,
-                **{k: round(v, 1) for k, v in marks.items()},
-                "removed_after_drain_s": round(marks["all_nodes_removed_s"] - marks["job_finished_s"], 1)
-                if "all_nodes_removed_s" in marks else None}
+        return {
+            "clips": clips,
+            "nodes_launched": len(nodes_seen),
+            "succeeded": status.counts["succeeded"],
+            "autoscale_interval_s": 1,
+            "scale_down_idle_s": 5,
+            "idle_timeout_minutes": idle_timeout_min,
+            **{k: round(v, 1) for k, v in marks.items()},
+            "removed_after_drain_s": round(marks["all_nodes_removed_s"] - marks["job_finished_s"], 1)
+            if "all_nodes_removed_s" in marks
+            else None,
+        }
     finally:
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()
@@ -146,9 +190,11 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=40, help="clips of the autoscaled job")
     parser.add_argument("--skip-reaction", action="store_true", help="only the decision cost")
     args = parser.parse_args()
-    result = {"when": datetime.now(UTC).isoformat(),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "decision": decision_cost(args.tasks)}
+    result = {
+        "when": datetime.now(UTC).isoformat(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "decision": decision_cost(args.tasks),
+    }
     print(json.dumps(result["decision"], indent=2))
     if not args.skip_reaction:
         result["reaction"] = reaction(args.clips)

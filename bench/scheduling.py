@@ -31,25 +31,34 @@ def proc_stats(pid: int) -> dict:
     """CPU seconds and resident memory of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if line.startswith("VmRSS:"))
+    rss_kb = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
     return {"cpu_s": (int(fields[11]) + int(fields[12])) / ticks, "rss_mb": rss_kb / 1024}
 
 
 def write_manifest(folder: Path, name: str, model: str, count: int, size: str) -> Path:
     w, h, f = size.split("x")
     path = folder / f"{name}.yaml"
-    path.write_text(f"campaign: {name}\nmodel: '{model}'\nprompt: 'bench {name}'\n"
-                    f"render: {{width: {w}, height: {h}, frames: {f}, steps: 4}}\n"
-                    f"seeds: {{count: {count}}}\nretries: 0\n")
+    path.write_text(
+        f"campaign: {name}\nmodel: '{model}'\nprompt: 'bench {name}'\n"
+        f"render: {{width: {w}, height: {h}, frames: {f}, steps: 4}}\n"
+        f"seeds: {{count: {count}}}\nretries: 0\n"
+    )
     return path
 
 
 def efficiency(results) -> dict:
     busy = sum(r.timings.generate_s + r.timings.encode_s + r.timings.write_s for r in results)
     makespan = max(r.finished_at for r in results) - min(r.started_at for r in results)
-    return {"tasks": len(results), "makespan_s": round(makespan, 3), "busy_s": round(busy, 3),
-            "efficiency": round(busy / WORKERS / makespan, 4)}
+    return {
+        "tasks": len(results),
+        "makespan_s": round(makespan, 3),
+        "busy_s": round(busy, 3),
+        "efficiency": round(busy / WORKERS / makespan, 4),
+    }
 
 
 def run_farm(manifest: Path) -> dict:
@@ -68,18 +77,23 @@ def run_farm(manifest: Path) -> dict:
     busy = sum(r["generate_s"] + r["encode_s"] + r["write_s"] for r in rows)
     makespan = (max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)).total_seconds()
     n = len(rows)
-    out = {"tasks": n, "makespan_s": round(makespan, 3), "busy_s": round(busy, 3),
-           "efficiency": round(busy / WORKERS / makespan, 4),
-           "controller_cpu_ms_per_task": round((after["cpu_s"] - before["cpu_s"]) / n * 1000, 3),
-           "driver_cpu_ms_per_task": round((driver_after - driver_before) / n * 1000, 3),
-           "controller_rss_mb": round(after["rss_mb"], 1)}
+    out = {
+        "tasks": n,
+        "makespan_s": round(makespan, 3),
+        "busy_s": round(busy, 3),
+        "efficiency": round(busy / WORKERS / makespan, 4),
+        "controller_cpu_ms_per_task": round((after["cpu_s"] - before["cpu_s"]) / n * 1000, 3),
+        "driver_cpu_ms_per_task": round((driver_after - driver_before) / n * 1000, 3),
+        "controller_rss_mb": round(after["rss_mb"], 1),
+    }
     ray.get(controller.shutdown.remote())
     ray.kill(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE), no_restart=True)
     return out
 
 
 def tasks_of(manifest: Path):
-    from farm.manifest import expand, load_manifest
+    from farm.expand import expand
+    from farm.manifest import load_manifest
 
     mf = load_manifest(manifest)
     return mf, expand(mf).tasks
@@ -142,15 +156,21 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
-    results: dict = {"benchmark": "scheduling", "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "workers": WORKERS}
+    results: dict = {
+        "benchmark": "scheduling",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "workers": WORKERS,
+    }
     with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
         folder = Path(tmp)
         os.environ["FARM_HOME"] = str(folder / "home")
         os.environ["FARM_CATALOG"] = str(folder / "home" / "catalog")
         ray.init(num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-        for label, model, count, size in (("a_sleep_50ms", "fake:sleep-50ms", args.sleep_tasks, "16x16x1"),
-                                          ("b_tiny_wan", "tiny", args.tiny_tasks, "64x64x9")):
+        for label, model, count, size in (
+            ("a_sleep_50ms", "fake:sleep-50ms", args.sleep_tasks, "16x16x1"),
+            ("b_tiny_wan", "tiny", args.tiny_tasks, "64x64x9"),
+        ):
             if not count:
                 continue
             manifest = write_manifest(folder, label.replace("_", "-"), model, count, size)
@@ -169,9 +189,12 @@ def main() -> int:
             first_s = time.perf_counter() - first
             again = time.perf_counter()
             outcome = api.submit(manifest)
-            results["resubmit_finished_job"] = {"tasks": args.resubmit, "first_submit_s": round(first_s, 2),
-                                                "resubmit_s": round(time.perf_counter() - again, 2),
-                                                "rendered_again": outcome.run.succeeded if outcome.run else 0}
+            results["resubmit_finished_job"] = {
+                "tasks": args.resubmit,
+                "first_submit_s": round(first_s, 2),
+                "resubmit_s": round(time.perf_counter() - again, 2),
+                "rendered_again": outcome.run.succeeded if outcome.run else 0,
+            }
             print("resubmit", json.dumps(results["resubmit_finished_job"]), flush=True)
         if args.big_queue:
             from farm import api

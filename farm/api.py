@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
-import json
 import os
 import secrets
 import socket
@@ -17,20 +16,22 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from farm import __version__
 from farm.catalog import Catalog, CompactionReport, JobRecord, JobStatus, ResultFilter, RunSummary
-from farm.config import CPUS_PER_CPU_RENDERER, catalog_location
+from farm.config import CPUS_PER_CPU_RENDERER, catalog_location, catalog_named, cluster_config_path
 from farm.controller import CONTROLLER_NAME, NAMESPACE, JobProgress, get_or_start_controller
 from farm.errors import CatalogError, ClusterError, FarmError
-from farm.manifest import ManifestFile, deadline_seconds, expand, load_manifest
-from farm.render import TestFaults
+from farm.expand import Expansion, expand
+from farm.manifest import ManifestFile, load_manifest
+from farm.routing import fitting_pools
 from farm.scaling import PoolScaling, ScalingPlan
 from farm.scaling import plan as scaling_plan
 from farm.storage import open_sink
-from farm.task import Pool, Task
+from farm.task import JobEvent, JobState, Pool, StorageKind, Task
 
 
 @dataclass(frozen=True)
@@ -74,21 +75,21 @@ def validate(manifest_path: str | Path) -> tuple[ManifestFile, int]:
     return mf, len(expand(mf).tasks)
 
 
-def route(tasks: list[Task], pools: list[Pool]) -> dict[str, int]:
-    """Cheapest fitting pool → task count. A task no pool can ever take is an input error."""
+def routes_for(tasks: list[Task], pools: list[Pool]) -> dict[str, int]:
+    """Cheapest fitting pool (farm/routing.py) → task count. A task no pool can ever take is an input error."""
     counts: dict[str, int] = {}
-    cache: dict = {}
     for task in tasks:
-        if task.needs not in cache:
-            fitting = sorted((p for p in pools if p.fits(task.needs)), key=lambda p: (p.cost_per_hour, p.name))
-            cache[task.needs] = fitting[0].name if fitting else None
-        name = cache[task.needs]
+        fitting = fitting_pools(pools, task.needs)
+        name = fitting[0].name if fitting else None
         if name is None:
             n = task.needs
             raise FarmError(
                 f"task {task.task_id} ({task.source}) needs min_vram_gb={n.min_vram_gb:g}"
-                + (f", gpu_type={n.gpu_type}" if n.gpu_type else "") + (f", pool={n.pool}" if n.pool else "")
-                + " and no pool offers that (" + ", ".join(_describe(p) for p in pools) + ")",
+                + (f", gpu_type={n.gpu_type}" if n.gpu_type else "")
+                + (f", pool={n.pool}" if n.pool else "")
+                + " and no pool offers that ("
+                + ", ".join(_describe(p) for p in pools)
+                + ")",
                 field="requirements",
                 hint="lower the requirements or add nodes of such a pool to the cluster",
             )
@@ -113,8 +114,11 @@ def _pool_scalings(address: str | None, cluster_config: str | Path | None = None
             return _cluster_scalings()
         finally:
             cluster.disconnect(info)
-    node_types = cluster.autoscaler_node_types(str(cluster_config) if cluster_config else None) \
-        if cluster_config or os.environ.get("FARM_CLUSTER_CONFIG") else []
+    node_types = (
+        cluster.autoscaler_node_types(str(cluster_config) if cluster_config else None)
+        if cluster_config or cluster_config_path()
+        else []
+    )
     if node_types:
         return [PoolScaling(t.pool, 0, t.slots_per_node, t.min_workers, t.max_workers) for t in node_types]
     slots = max(1, (os.cpu_count() or 1) // CPUS_PER_CPU_RENDERER)
@@ -136,6 +140,7 @@ def plan(
     pools: list[Pool] | None = None,
     *,
     loaded: ManifestFile | None = None,
+    expansion: Expansion | None = None,
     done: Callable[[list[str], str], dict[str, str]] | None = None,
     scalings: list[PoolScaling] | None = None,
     cluster_config: str | Path | None = None,
@@ -145,24 +150,32 @@ def plan(
     manifest if the caller has read it already; ``done`` answers "already rendered?" (default:
     the local catalog); ``pools`` or ``scalings`` replace the pools looked up."""
     mf = loaded or load_manifest(manifest_path, output_override=output)
-    expansion = expand(mf)
+    expansion = expansion or expand(mf)
     sink = open_sink(mf.target)
     if hasattr(sink, "check_writable"):  # an unreachable bucket is an input error, found before rendering
         sink.check_writable()
     ids = [t.task_id for t in expansion.tasks]
-    already = done(ids, mf.output) if done else _catalog(catalog_root).done(ids, mf.output)
+    output = mf.target.uri
+    already = done(ids, output) if done else _catalog(catalog_root).done(ids, output)
     to_render = [t for t in expansion.tasks if t.task_id not in already]
     if scalings is None:
-        scalings = [PoolScaling(p, 1, 1, 1, 1) for p in pools] if pools is not None else \
-            _pool_scalings(address, cluster_config)
-    routes = route(to_render, [s.pool for s in scalings])
+        scalings = (
+            [PoolScaling(p, 1, 1, 1, 1) for p in pools]
+            if pools is not None
+            else _pool_scalings(address, cluster_config)
+        )
+    routes = routes_for(to_render, [s.pool for s in scalings])
     measured = None if done else _catalog(catalog_root).mean_clip_seconds(mf.model.identity)
     if measured:  # pools without their own measurement take this catalog's
         scalings = [s if s.seconds_per_clip else replace(s, seconds_per_clip=measured) for s in scalings]
-    deadline = mf.manifest.deadline
-    deadline_s = deadline_seconds(deadline, datetime.now(UTC)) if deadline is not None else None
-    estimate = scaling_plan(scalings, by_needs=Counter(t.needs for t in to_render), deadline_s=deadline_s,
-                            idle_grace_s=float("inf")) if to_render else None
+    deadline_s = mf.deadline.seconds_left(datetime.now(UTC)) if mf.deadline is not None else None
+    estimate = (
+        scaling_plan(
+            scalings, by_needs=Counter(t.needs for t in to_render), deadline_s=deadline_s, idle_grace_s=float("inf")
+        )
+        if to_render
+        else None
+    )
     return Plan(mf, expansion.tasks, expansion.expanded, already, routes, estimate, deadline_s)
 
 
@@ -188,9 +201,9 @@ def _named_catalog(catalog_root: str | Path | None) -> str | None:
     keeps its own (the head's FARM_CATALOG) unless this client was told where (argument or
     environment) — and a local path means something to the controller only when the head node is
     this machine: a laptop's folder must not become the catalog path on a cloud head."""
-    if catalog_root or os.environ.get("FARM_CATALOG") or os.environ.get("FARM_HOME"):
+    if catalog_root or catalog_named():
         location = _catalog(catalog_root).location
-        if location.startswith("s3://") or _head_is_here():
+        if StorageKind.of(location) is StorageKind.S3 or _head_is_here():
             return location
     return None
 
@@ -200,8 +213,10 @@ def _head_is_here() -> bool:
     from ray.util import get_node_ip_address
 
     here = get_node_ip_address()
-    return any(n["Alive"] and "node:__internal_head__" in n["Resources"] and n["NodeManagerAddress"] == here
-               for n in ray.nodes())
+    return any(
+        n["Alive"] and "node:__internal_head__" in n["Resources"] and n["NodeManagerAddress"] == here
+        for n in ray.nodes()
+    )
 
 
 def _running_controller():
@@ -216,8 +231,10 @@ def _running_controller():
 def _controller_on(address: str):
     controller = _running_controller()
     if controller is None:
-        raise ClusterError(f"no farm controller runs on the cluster at {address}",
-                           hint="submit a job there first (farm submit --address), or check the address")
+        raise ClusterError(
+            f"no farm controller runs on the cluster at {address}",
+            hint="submit a job there first (farm submit --address), or check the address",
+        )
     return controller
 
 
@@ -230,7 +247,6 @@ def submit(
     catalog_root: str | Path | None = None,
     on_progress: Callable[[JobProgress], None] | None = None,
     on_plan: Callable[[Plan, str], None] | None = None,
-    test_faults: TestFaults | None = None,
     wait: bool = True,
 ) -> SubmitOutcome:
     """Hand every task of a manifest not yet done to the cluster's controller and, with ``wait``,
@@ -240,64 +256,94 @@ def submit(
     this client stays."""
     from farm import cluster
 
-    if test_faults is None and os.environ.get("FARM_TEST_FAULTS"):
-        test_faults = TestFaults(**json.loads(os.environ["FARM_TEST_FAULTS"]))
-    local_catalog = _catalog(catalog_root)
     mf = load_manifest(manifest_path, output_override=output)
-    expand(mf)  # a bad manifest is reported before any Ray starts
+    expansion = expand(mf)  # a bad manifest is reported before any Ray starts
     submitted_at = datetime.now(UTC)
     # Reach the cluster before recording anything: a wrong --address leaves no half-started job.
     info = cluster.connect(address, num_cpus=workers)
     try:
-        if not info.embedded:
-            controller = get_or_start_controller(_named_catalog(catalog_root))
-            location = _call(controller.ping.remote())["catalog"]
-            job_plan = plan(manifest_path, loaded=mf, scalings=_cluster_scalings(),
-                            done=lambda ids, out: _call(controller.done.remote(ids, out)))
-        else:
-            location = local_catalog.location
-            job_plan = plan(manifest_path, loaded=mf, catalog_root=location,
-                            scalings=[PoolScaling.fixed(c.pool, len(c.nodes), c.slots)
-                                      for c in cluster.discover_pools()])
-            controller = get_or_start_controller(location) if job_plan.to_render else None
-        job_id = _new_job_id(mf.manifest.campaign)
-        record = _job_record(job_id, manifest_path, job_plan, submitted_at)
+        controller, location, job_plan = _plan_on(info, manifest_path, mf, expansion, catalog_root)
+        record = _job_record(_new_job_id(mf.manifest.campaign), manifest_path, job_plan, submitted_at)
         if on_plan:
-            on_plan(job_plan, job_id)
+            on_plan(job_plan, record.job_id)
         if controller is None:  # embedded and nothing to render: no controller needed to say so
-            local_catalog.record_tasks(job_id, job_plan.tasks)
-            local_catalog.record_job(record)
-            local_catalog.record_event(job_id, "finished", "nothing to render")
-            return SubmitOutcome(job_id, job_plan, location, mf.output, 0)
-        started = time.monotonic()
-        try:
-            progress = _call(controller.submit_job.remote(record, job_plan.tasks, test_faults))
-            if not wait:
-                return SubmitOutcome(job_id, job_plan, location, mf.output, 0, progress=progress)
-            progress = follow(controller, progress, on_progress)
-        except BaseException:  # Ctrl-C, lost cluster
-            if info.embedded:  # the job goes down with this process: keep what is done, say so
-                _stop_embedded(controller)
-                local_catalog.record_event(job_id, "interrupted", "the submitting client stopped")
-            raise
-        renderers = _call(controller.renderer_stats.remote())
-        if info.embedded:
-            _stop_embedded(controller)
-        summary = _call(controller.run_summary.remote(job_id, time.monotonic() - started, progress.state)) \
-            if not info.embedded else Catalog(location).run_summary(job_id, time.monotonic() - started,
-                                                                    progress.state)
-        return SubmitOutcome(job_id, job_plan, location, mf.output, summary.recovered, summary, renderers,
-                             progress)
+            catalog = Catalog(location)
+            catalog.record_tasks(record.job_id, job_plan.tasks)
+            catalog.record_job(record)
+            catalog.record_event(record.job_id, JobEvent.FINISHED, "nothing to render")
+            return SubmitOutcome(record.job_id, job_plan, location, mf.target.uri, 0)
+        return _run(controller, info.embedded, record, job_plan, location, wait, on_progress)
     finally:
         if info.embedded:
             cluster.disconnect(info)
 
 
+def _plan_on(
+    info: Any, manifest_path: str | Path, mf: ManifestFile, expansion: Expansion, catalog_root: str | Path | None
+) -> tuple[Any, str, Plan]:
+    """The controller (None: embedded with nothing to render), its catalog and the plan."""
+    from farm import cluster
+
+    if not info.embedded:
+        controller = get_or_start_controller(_named_catalog(catalog_root))
+        location = _call(controller.ping.remote())["catalog"]
+        job_plan = plan(
+            manifest_path,
+            loaded=mf,
+            expansion=expansion,
+            scalings=_cluster_scalings(),
+            done=lambda ids, out: _call(controller.done.remote(ids, out)),
+        )
+        return controller, location, job_plan
+    location = _catalog(catalog_root).location
+    job_plan = plan(
+        manifest_path,
+        loaded=mf,
+        expansion=expansion,
+        catalog_root=location,
+        scalings=[PoolScaling.fixed(c.pool, len(c.nodes), c.slots) for c in cluster.discover_pools()],
+    )
+    return (get_or_start_controller(location) if job_plan.to_render else None), location, job_plan
+
+
+def _run(
+    controller: Any,
+    embedded: bool,
+    record: JobRecord,
+    job_plan: Plan,
+    location: str,
+    wait: bool,
+    on_progress: Callable[[JobProgress], None] | None,
+) -> SubmitOutcome:
+    """Hand the job to the controller and, with ``wait``, follow it to its end and sum it up."""
+    started = time.monotonic()
+    output = job_plan.manifest.target.uri
+    try:
+        progress = _call(controller.submit_job.remote(record, job_plan.tasks))
+        if not wait:
+            return SubmitOutcome(record.job_id, job_plan, location, output, 0, progress=progress)
+        progress = follow(controller, progress, on_progress)
+    except BaseException:  # Ctrl-C, lost cluster
+        if embedded:  # the job goes down with this process: keep what is done, say so
+            _stop_embedded(controller)
+            Catalog(location).record_event(record.job_id, JobEvent.INTERRUPTED, "the submitting client stopped")
+        raise
+    renderers = _call(controller.renderer_stats.remote())
+    elapsed = time.monotonic() - started
+    if embedded:
+        _stop_embedded(controller)
+        summary = Catalog(location).run_summary(record.job_id, elapsed, progress.state)
+    else:
+        summary = _call(controller.run_summary.remote(record.job_id, elapsed, progress.state))
+    return SubmitOutcome(record.job_id, job_plan, location, output, summary.recovered, summary, renderers, progress)
+
+
 _POLL_S = 0.25
 
 
-def follow(controller, progress: JobProgress, on_progress: Callable[[JobProgress], None] | None = None,
-           poll_s: float = _POLL_S) -> JobProgress:
+def follow(
+    controller, progress: JobProgress, on_progress: Callable[[JobProgress], None] | None = None, poll_s: float = _POLL_S
+) -> JobProgress:
     """Poll a job's progress until it ends."""
     while progress.state in ("running", "cancelling"):
         if on_progress:
@@ -317,9 +363,20 @@ def _from_catalog(controller, job_id: str) -> JobProgress:
     if live is not None:
         return live
     c = status.counts
-    state = "interrupted" if status.state in ("running", "submitted") else status.state
-    return JobProgress(job_id, status.job.task_count, c.get("succeeded", 0), c.get("failed", 0), 0,
-                       c.get("pending", 0), 0, state, 0.0, None, 0)
+    state = JobState.INTERRUPTED if status.state in (JobState.RUNNING, JobState.SUBMITTED) else status.state
+    return JobProgress(
+        job_id,
+        status.job.task_count,
+        c.get("succeeded", 0),
+        c.get("failed", 0),
+        0,
+        c.get("pending", 0),
+        0,
+        state,
+        0.0,
+        None,
+        0,
+    )
 
 
 def _stop_embedded(controller) -> None:
@@ -333,8 +390,6 @@ def _stop_embedded(controller) -> None:
 
 def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan, submitted_at: datetime) -> JobRecord:
     mf = job_plan.manifest
-    options = {k: v for k, v in asdict(mf.target.options).items() if v is not None}
-    deadline = mf.manifest.deadline
     return JobRecord(
         job_id=job_id,
         campaign=mf.manifest.campaign,
@@ -345,15 +400,14 @@ def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan, submitte
         manifest_sha256=hashlib.sha256(mf.text.encode()).hexdigest(),
         manifest_yaml=mf.text,
         model=mf.model.spec,
-        output=mf.output,
+        output=mf.target.uri,
         max_attempts=mf.max_attempts,
         task_ids=tuple(t.task_id for t in job_plan.tasks),
         farm_version=__version__,
         priority=mf.manifest.priority,
         timeout_s=mf.manifest.timeout_s,
-        storage_json=json.dumps(options),
-        deadline_at=(submitted_at + timedelta(seconds=deadline_seconds(deadline, submitted_at))
-                     if deadline is not None else None),
+        storage_json=mf.target.options.to_json(),
+        deadline_at=mf.deadline.due(submitted_at) if mf.deadline is not None else None,
     )
 
 
@@ -362,16 +416,21 @@ def cancel(job_id: str, address: str | None = None, catalog_root: str | Path | N
     from farm import cluster
 
     if not address:
-        raise FarmError("cancel needs the cluster the job runs on", field="--address",
-                        hint="give --address HOST:PORT (a job on an embedded Ray stops with its farm submit)")
+        raise FarmError(
+            "cancel needs the cluster the job runs on",
+            field="--address",
+            hint="give --address HOST:PORT (a job on an embedded Ray stops with its farm submit)",
+        )
     info = cluster.connect(address)
     try:
         controller = _controller_on(address)
         job_status, _ = _call(controller.job_status.remote(job_id))
         progress = _call(controller.cancel.remote(job_status.job.job_id))
         if progress is None:
-            raise CatalogError(f"job {job_status.job.job_id} is not running on the cluster at {address}",
-                               hint="see farm status; re-submit the manifest to run it again")
+            raise CatalogError(
+                f"job {job_status.job.job_id} is not running on the cluster at {address}",
+                hint="see farm status; re-submit the manifest to run it again",
+            )
         return asdict(progress)
     finally:
         cluster.disconnect(info)
@@ -389,19 +448,28 @@ def pools(address: str | None = None) -> list[dict]:
         live = {p["pool"]: p for p in _call(controller.pools.remote())} if controller else {}
         scaling = _call(controller.scaling_status.remote()) if controller else {}
         targets = {d["pool"]: d for d in scaling.get("decisions", [])}
-        names = list(discovered) + [t["pool"]["name"] for t in scaling.get("node_types", [])
-                                    if t["pool"]["name"] not in discovered]
+        names = list(discovered) + [
+            t["pool"]["name"] for t in scaling.get("node_types", []) if t["pool"]["name"] not in discovered
+        ]
         rows = []
         for name in names:
             cap = discovered.get(name)
-            pool = cap.pool if cap else Pool(**next(t["pool"] for t in scaling["node_types"]
-                                                     if t["pool"]["name"] == name))
-            rows.append({"pool": name, "gpu_type": pool.gpu_type, "vram_gb": pool.vram_gb,
-                         "cost_per_hour": pool.cost_per_hour, "slots": cap.slots if cap else 0,
-                         "nodes": list(cap.nodes) if cap else [],
-                         "renderers": live.get(name, {}).get("renderers", []),
-                         "target_nodes": targets[name]["target_workers"] if name in targets else None,
-                         "scaling": targets[name]["reason"] if name in targets else ""})
+            pool = (
+                cap.pool if cap else Pool(**next(t["pool"] for t in scaling["node_types"] if t["pool"]["name"] == name))
+            )
+            rows.append(
+                {
+                    "pool": name,
+                    "gpu_type": pool.gpu_type,
+                    "vram_gb": pool.vram_gb,
+                    "cost_per_hour": pool.cost_per_hour,
+                    "slots": cap.slots if cap else 0,
+                    "nodes": list(cap.nodes) if cap else [],
+                    "renderers": live.get(name, {}).get("renderers", []),
+                    "target_nodes": targets[name]["target_workers"] if name in targets else None,
+                    "scaling": targets[name]["reason"] if name in targets else "",
+                }
+            )
         return rows
     finally:
         if info.embedded:

@@ -14,8 +14,10 @@ interrupted at any point loses no row and shows none twice, and running it again
 
 It is the source of truth for status, results and resume: a task is done when any job has a
 succeeded attempt of it into the same output. Readable as-is by duckdb, pandas and pyarrow (hive
-partitioning on ``job_id``). Schema history: v1 (first release); v2 adds ``attempt_uid`` and
-``storage``. Older files read with the new columns as nulls.
+partitioning on ``job_id``). The tables' columns are declared in ``records.py``. Schema history:
+v1 (first release); v2 adds ``attempt_uid`` and ``storage`` (and the job's priority, timeout and
+storage options); v3 the job's ``deadline_at``; v4 the attempt's ``error_kind``. Older files read
+with the new columns as nulls (``tests/fixtures/catalog-v3`` is one written by v3).
 """
 
 from __future__ import annotations
@@ -36,132 +38,29 @@ import pyarrow.parquet as pq
 
 from farm.config import CATALOG_BATCH_ROWS, CATALOG_BATCH_SECONDS
 from farm.errors import CatalogError
-from farm.task import AttemptStatus, ModelRef, RenderSettings, Requirements, Result, Task, TaskStatus
+from farm.records import (
+    ATTEMPT_COLUMNS,
+    ATTEMPT_FULL_COLUMNS,
+    EVENT_COLUMNS,
+    JOB_COLUMNS,
+    TASK_COLUMNS,
+    JobRecord,
+    arrow_schema,
+    job_from_row,
+    job_row,
+    task_row,
+    tasks_from_columns,
+)
+from farm.task import AttemptStatus, JobEvent, JobState, StorageKind, Task, TaskStatus
 
-SCHEMA_VERSION = 3  # v2: attempt_uid, storage, job priority/timeout/storage; v3: job deadline_at
-_TS = pa.timestamp("ms", tz="UTC")
 _REPLACES = b"farm.replaces"  # schema metadata of a compacted file: the files it replaces
 
-ATTEMPT_SCHEMA = pa.schema(
-    [
-        ("task_id", pa.string()),
-        ("attempt", pa.int32()),
-        ("status", pa.string()),
-        ("final", pa.bool_()),  # no further attempt of this task follows in this job
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("variant", pa.map_(pa.string(), pa.string())),
-        ("seed", pa.int64()),
-        ("model", pa.string()),
-        ("model_identity", pa.string()),
-        ("mode", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("frames", pa.int32()),
-        ("fps", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float64()),
-        ("output_root", pa.string()),
-        ("output_uri", pa.string()),
-        ("poster_uri", pa.string()),
-        ("bytes", pa.int64()),
-        ("sha256", pa.string()),
-        ("load_s", pa.float64()),
-        ("generate_s", pa.float64()),
-        ("encode_s", pa.float64()),
-        ("write_s", pa.float64()),
-        ("node_id", pa.string()),
-        ("actor_id", pa.string()),
-        ("error", pa.string()),
-        ("recovered", pa.bool_()),  # adopted from the sink's commit marker after a driver crash
-        ("started_at", _TS),
-        ("finished_at", _TS),
-        ("schema_version", pa.int16()),
-        # v2
-        ("attempt_uid", pa.string()),  # unique per attempt row, for tools that join or dedupe
-        ("storage", pa.string()),  # "local" | "s3"
-    ]
-)
-ATTEMPT_FULL_SCHEMA = ATTEMPT_SCHEMA.append(pa.field("job_id", pa.string()))
-
-JOB_SCHEMA = pa.schema(
-    [
-        ("job_id", pa.string()),
-        ("campaign", pa.string()),
-        ("submitted_at", _TS),
-        ("user", pa.string()),
-        ("host", pa.string()),
-        ("manifest_path", pa.string()),
-        ("manifest_sha256", pa.string()),
-        ("manifest_yaml", pa.string()),
-        ("model", pa.string()),
-        ("output", pa.string()),
-        ("max_attempts", pa.int32()),
-        ("task_count", pa.int64()),
-        ("task_ids", pa.list_(pa.string())),
-        ("farm_version", pa.string()),
-        ("schema_version", pa.int16()),
-        # v2: what the controller needs to run the job, also after it restarts
-        ("priority", pa.int32()),
-        ("timeout_s", pa.float64()),
-        ("storage_json", pa.string()),  # StorageOptions of the output, never credentials
-        # v3: when the job should be done (manifest deadline:); null without one
-        ("deadline_at", _TS),
-    ]
-)
-
-TASK_SCHEMA = pa.schema(
-    [
-        ("task_id", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("mode", pa.string()),
-        ("source", pa.string()),
-        ("variant", pa.map_(pa.string(), pa.string())),
-        ("model_spec", pa.string()),
-        ("model_kind", pa.string()),
-        ("model_location", pa.string()),
-        ("model_identity", pa.string()),
-        ("model_family", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("frames", pa.int32()),
-        ("fps", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float64()),
-        ("negative_prompt", pa.string()),
-        ("min_vram_gb", pa.float64()),
-        ("gpu_type", pa.string()),
-        ("pool", pa.string()),
-    ]
-)
-
-EVENT_SCHEMA = pa.schema([("event", pa.string()), ("at", _TS), ("detail", pa.string())])
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    job_id: str
-    campaign: str
-    submitted_at: datetime
-    user: str
-    host: str
-    manifest_path: str
-    manifest_sha256: str
-    manifest_yaml: str
-    model: str
-    output: str
-    max_attempts: int
-    task_ids: tuple[str, ...]
-    farm_version: str
-    priority: int = 0
-    timeout_s: float = 600.0
-    storage_json: str = "{}"
-    deadline_at: datetime | None = None
-
-    @property
-    def task_count(self) -> int:
-        return len(self.task_ids)
+# Derived from the declarations in records.py; nothing here lists a column.
+ATTEMPT_SCHEMA = arrow_schema(ATTEMPT_COLUMNS)
+ATTEMPT_FULL_SCHEMA = arrow_schema(ATTEMPT_FULL_COLUMNS)
+JOB_SCHEMA = arrow_schema(JOB_COLUMNS)
+TASK_SCHEMA = arrow_schema(TASK_COLUMNS)
+EVENT_SCHEMA = arrow_schema(EVENT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -181,7 +80,7 @@ class RunSummary:
 @dataclass(frozen=True)
 class JobStatus:
     job: JobRecord
-    state: str  # last lifecycle event: submitted | finished | interrupted
+    state: JobState  # from the last lifecycle event
     counts: dict[str, int]  # TaskStatus value → tasks
     attempts: int
     rendered: int  # succeeded attempts this job made itself (the rest were done before)
@@ -190,15 +89,19 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class ResultFilter:
-    """Which result rows to keep: by status, by variant values (all must match), by finish time."""
+    """Which result rows to keep: by status, by variant values (all must match), by finish time,
+    by failure kind."""
 
     status: str | None = None
     variant: tuple[tuple[str, str], ...] = ()
     since: datetime | None = None
     until: datetime | None = None
+    error_kind: str | None = None  # a FailureKind: why the task's last attempt failed
 
     def keep(self, row: dict) -> bool:
         if self.status and row["status"] != self.status:
+            return False
+        if self.error_kind and row.get("error_kind") != self.error_kind:
             return False
         values = dict(row["variant"] or [])
         if any(values.get(k) != v for k, v in self.variant):
@@ -216,51 +119,6 @@ class CompactionReport:
     finished_deletes: int  # files a previous, interrupted compaction had left to delete
 
 
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=UTC)
-
-
-def attempt_row(task: Task, result: Result, output_root: str, final: bool, recovered: bool = False) -> dict:
-    s, t = task.settings, result.timings
-    return {
-        "task_id": task.task_id,
-        "attempt": result.attempt,
-        "status": result.status.value,
-        "final": final,
-        "prompt": task.prompt,
-        "negative_prompt": s.negative_prompt,
-        "variant": list(task.variant),
-        "seed": task.seed,
-        "model": task.model.spec,
-        "model_identity": task.model.identity,
-        "mode": task.mode,
-        "width": s.width,
-        "height": s.height,
-        "frames": s.frames,
-        "fps": s.fps,
-        "steps": s.steps,
-        "guidance": s.guidance,
-        "output_root": output_root,
-        "output_uri": result.output_uri,
-        "poster_uri": result.poster_uri,
-        "bytes": result.bytes,
-        "sha256": result.sha256,
-        "load_s": t.load_s,
-        "generate_s": t.generate_s,
-        "encode_s": t.encode_s,
-        "write_s": t.write_s,
-        "node_id": result.node_id,
-        "actor_id": result.actor_id,
-        "error": result.error,
-        "recovered": recovered,
-        "started_at": _utc(result.started_at or time.time()),
-        "finished_at": _utc(result.finished_at or time.time()),
-        "schema_version": SCHEMA_VERSION,
-        "attempt_uid": uuid.uuid4().hex,
-        "storage": "s3" if output_root.startswith("s3://") else "local",
-    }
-
-
 def _part_name(prefix: str = "") -> str:
     # Sortable by time, unique across writers.
     return f"{prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
@@ -272,13 +130,13 @@ def catalog_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     S3 settings come from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_REGION,
     AWS_PROFILE, credentials), the same chain boto3 uses for outputs.
     """
-    if location.startswith("s3://"):
+    if StorageKind.of(location) is StorageKind.S3:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-        return pafs.S3FileSystem(**kwargs), location[len("s3://"):].rstrip("/")
+        return pafs.S3FileSystem(**kwargs), location[len("s3://") :].rstrip("/")
     if "://" in location:
         raise CatalogError(f"catalog {location}: unsupported scheme", hint="use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
@@ -317,10 +175,15 @@ class Catalog:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
         except OSError as exc:
-            raise CatalogError(f"cannot list the catalog at {self.location}: {exc}",
-                               hint="check FARM_CATALOG and the storage's credentials") from None
-        files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                 and not i.base_name.startswith((".", "_"))]
+            raise CatalogError(
+                f"cannot list the catalog at {self.location}: {exc}",
+                hint="check FARM_CATALOG and the storage's credentials",
+            ) from None
+        files = [
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+        ]
         return sorted(files, key=lambda p: (p.rsplit("/", 1)[0], p.rsplit("/", 1)[-1]))
 
     def _replaced_by_compaction(self, files: list[str]) -> set[str]:
@@ -339,21 +202,22 @@ class Catalog:
 
     # --- jobs
     def record_job(self, job: JobRecord) -> None:
-        row = {**job.__dict__, "task_ids": list(job.task_ids), "task_count": job.task_count,
-               "schema_version": SCHEMA_VERSION}
-        self._write(pa.Table.from_pylist([row], schema=JOB_SCHEMA), self._path("jobs", f"{job.job_id}.parquet"))
-        self.record_event(job.job_id, "submitted")
+        self._write(
+            pa.Table.from_pylist([job_row(job)], schema=JOB_SCHEMA), self._path("jobs", f"{job.job_id}.parquet")
+        )
+        self.record_event(job.job_id, JobEvent.SUBMITTED)
 
-    def record_event(self, job_id: str, event: str, detail: str = "") -> None:
-        row = {"event": event, "at": datetime.now(UTC), "detail": detail}
-        self._write(pa.Table.from_pylist([row], schema=EVENT_SCHEMA),
-                    self._path("events", f"job_id={job_id}", _part_name()))
+    def record_event(self, job_id: str, event: JobEvent, detail: str = "") -> None:
+        row = {"event": JobEvent(event).value, "at": datetime.now(UTC), "detail": detail}
+        self._write(
+            pa.Table.from_pylist([row], schema=EVENT_SCHEMA), self._path("events", f"job_id={job_id}", _part_name())
+        )
 
     def jobs(self) -> list[JobRecord]:
-        records = []
+        records: list[JobRecord] = []
         for path in self._files(self._path("jobs")):
             table = pq.read_table(path, filesystem=self.fs, schema=JOB_SCHEMA)
-            records.extend(_job_from_row(row) for row in table.to_pylist())
+            records.extend(job_from_row(row) for row in table.to_pylist())
         return sorted(records, key=lambda j: j.submitted_at)
 
     def job(self, job_id: str) -> JobRecord:
@@ -367,44 +231,30 @@ class Catalog:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise CatalogError(f"no job {job_id!r} in the catalog at {self.location}",
-                               hint="list jobs with 'farm jobs' (and check FARM_HOME / FARM_CATALOG)")
-        raise CatalogError(f"job id {job_id!r} is ambiguous ({len(matches)} jobs start with it)",
-                           hint="give more characters of the id")
+            raise CatalogError(
+                f"no job {job_id!r} in the catalog at {self.location}",
+                hint="list jobs with 'farm jobs' (and check FARM_HOME / FARM_CATALOG)",
+            )
+        raise CatalogError(
+            f"job id {job_id!r} is ambiguous ({len(matches)} jobs start with it)", hint="give more characters of the id"
+        )
 
     def record_tasks(self, job_id: str, tasks: list[Task]) -> None:
         """Every task of a job, as the controller needs it to run (or re-run after a restart)."""
-        rows = [{
-            "task_id": t.task_id, "prompt": t.prompt, "seed": t.seed, "mode": t.mode, "source": t.source,
-            "variant": list(t.variant), "model_spec": t.model.spec, "model_kind": t.model.kind,
-            "model_location": t.model.location, "model_identity": t.model.identity, "model_family": t.model.family,
-            **{k: getattr(t.settings, k) for k in ("width", "height", "frames", "fps", "steps", "guidance",
-                                                   "negative_prompt")},
-            "min_vram_gb": t.needs.min_vram_gb, "gpu_type": t.needs.gpu_type, "pool": t.needs.pool,
-        } for t in tasks]
-        self._write(pa.Table.from_pylist(rows, schema=TASK_SCHEMA),
-                    self._path("tasks", f"job_id={job_id}", "tasks.parquet"))
+        rows = [task_row(t) for t in tasks]
+        self._write(
+            pa.Table.from_pylist(rows, schema=TASK_SCHEMA), self._path("tasks", f"job_id={job_id}", "tasks.parquet")
+        )
 
     def tasks(self, job_id: str) -> list[Task]:
         path = self._path("tasks", f"job_id={job_id}", "tasks.parquet")
         try:
             table = pq.read_table(path, filesystem=self.fs, schema=TASK_SCHEMA)
         except (OSError, FileNotFoundError) as exc:
-            raise CatalogError(f"job {job_id} has no task list in the catalog ({exc})",
-                               hint="submit the manifest again") from None
-        columns = {name: table.column(name).to_pylist() for name in TASK_SCHEMA.names}
-        models: dict[tuple, ModelRef] = {}
-        out = []
-        for i in range(table.num_rows):
-            c = {name: values[i] for name, values in columns.items()}
-            key = (c["model_spec"], c["model_kind"], c["model_location"], c["model_identity"], c["model_family"])
-            model = models.setdefault(key, ModelRef(*key))
-            settings = RenderSettings(c["width"], c["height"], c["frames"], c["fps"], c["steps"], c["guidance"],
-                                      c["negative_prompt"] or "")
-            out.append(Task(c["task_id"], c["prompt"], c["seed"], model, settings, tuple(c["variant"] or ()),
-                            c["mode"], c["source"] or "", Requirements(c["min_vram_gb"] or 0.0, c["gpu_type"],
-                                                                       c["pool"])))
-        return out
+            raise CatalogError(
+                f"job {job_id} has no task list in the catalog ({exc})", hint="submit the manifest again"
+            ) from None
+        return tasks_from_columns(table.to_pydict(), table.num_rows)
 
     def events(self, job_id: str) -> list[dict]:
         files = self._live_files(self._path("events", f"job_id={job_id}"))
@@ -412,8 +262,9 @@ class Catalog:
         return sorted(rows, key=lambda r: r["at"])
 
     # --- attempts
-    def writer(self, job_id: str, batch_rows: int = CATALOG_BATCH_ROWS,
-               batch_seconds: float = CATALOG_BATCH_SECONDS) -> AttemptWriter:
+    def writer(
+        self, job_id: str, batch_rows: int = CATALOG_BATCH_ROWS, batch_seconds: float = CATALOG_BATCH_SECONDS
+    ) -> AttemptWriter:
         return AttemptWriter(self, self._path("attempts", f"job_id={job_id}"), batch_rows, batch_seconds)
 
     def attempts(self, job_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -438,24 +289,25 @@ class Catalog:
         wanted = set(task_ids)
         table = self.attempts(columns=["task_id", "status", "output_root", "output_uri"])
         out: dict[str, str] = {}
-        for task_id, status, root, uri in zip(*(table.column(c).to_pylist() for c in table.column_names),
-                                              strict=True):
+        for task_id, status, root, uri in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
             if status == AttemptStatus.SUCCEEDED and root == output_root and task_id in wanted:
                 out[task_id] = uri
         return out
 
     def run_summary(self, job_id: str, elapsed_s: float, state: str) -> RunSummary:
         """What a job's own attempts did (clips adopted from an earlier run are not counted)."""
-        rows = self.attempts(job_id, columns=["status", "final", "recovered", "generate_s", "encode_s",
-                                               "write_s", "started_at", "finished_at"]).to_pylist()
+        rows = self.attempts(
+            job_id,
+            columns=["status", "final", "recovered", "generate_s", "encode_s", "write_s", "started_at", "finished_at"],
+        ).to_pylist()
         made = [r for r in rows if not r["recovered"]]
         if made:  # the rendering makespan: first attempt's start to last attempt's end
             elapsed_s = (max(r["finished_at"] for r in made) - min(r["started_at"] for r in made)).total_seconds()
         return RunSummary(
             succeeded=sum(r["status"] == "succeeded" for r in made),
-            failed=sum(r["status"] == "failed" and r["final"] for r in made),
-            attempts=sum(r["status"] in ("succeeded", "failed") for r in made),
-            interrupted=sum(r["status"] == "interrupted" for r in made),
+            failed=sum(r["status"] == AttemptStatus.FAILED and r["final"] for r in made),
+            attempts=sum(r["status"] in (AttemptStatus.SUCCEEDED, AttemptStatus.FAILED) for r in made),
+            interrupted=sum(r["status"] == AttemptStatus.INTERRUPTED for r in made),
             elapsed_s=elapsed_s,
             busy_s=sum((r["generate_s"] or 0) + (r["encode_s"] or 0) + (r["write_s"] or 0) for r in made),
             state=state,
@@ -466,8 +318,9 @@ class Catalog:
         """Mean render + encode + write seconds of this model's clips rendered so far (None: none yet)."""
         table = self.attempts(columns=["model_identity", "status", "recovered", "generate_s", "encode_s", "write_s"])
         total, clips = 0.0, 0
-        for model, status, recovered, *seconds in zip(*(table.column(c).to_pylist() for c in table.column_names),
-                                                      strict=True):
+        for model, status, recovered, *seconds in zip(
+            *(table.column(c).to_pylist() for c in table.column_names), strict=True
+        ):
             if model == model_identity and status == AttemptStatus.SUCCEEDED and not recovered:
                 total += sum(x or 0.0 for x in seconds)
                 clips += 1
@@ -505,8 +358,7 @@ class Catalog:
             TaskStatus.PENDING.value: len(mine) - len(done) - len(failed),
         }
         events = self.events(job.job_id)
-        state = events[-1]["event"] if events else "submitted"
-        state = "running" if state == "admitted" else state
+        state = _job_state(events[-1]["event"] if events else JobEvent.SUBMITTED)
         return JobStatus(job, state, counts, attempts, rendered, events[-1]["at"] if events else None)
 
     def results(self, job: JobRecord, keep: ResultFilter | None = None) -> list[dict]:
@@ -524,8 +376,10 @@ class Catalog:
                 continue
             current = best.get(task_id)
             current_ok = current is not None and current["status"] == AttemptStatus.SUCCEEDED
-            if current is None or (ok and not current_ok) or (
-                ok == current_ok and row["finished_at"] > current["finished_at"]
+            if (
+                current is None
+                or (ok and not current_ok)
+                or (ok == current_ok and row["finished_at"] > current["finished_at"])
             ):
                 best[task_id] = row
         order = {t: i for i, t in enumerate(job.task_ids)}
@@ -557,8 +411,7 @@ class Catalog:
                 if len(live) < 2:
                     continue
                 table = pa.concat_tables(pq.read_table(f, filesystem=self.fs, schema=schema) for f in live)
-                names = sorted(os.path.basename(f) for f in live) + sorted(
-                    os.path.basename(f) for f in replaced)
+                names = sorted(os.path.basename(f) for f in live) + sorted(os.path.basename(f) for f in replaced)
                 table = table.replace_schema_metadata({_REPLACES: json.dumps(names).encode()})
                 self._write(table, f"{folder}/{_part_name('compact-')}")
                 for path in live:
@@ -569,10 +422,9 @@ class Catalog:
         return CompactionReport(partitions, merged, written, rows, finished)
 
 
-def _job_from_row(row: dict) -> JobRecord:
-    fields = {k: row[k] for k in JobRecord.__dataclass_fields__ if k in row and row[k] is not None}
-    fields["task_ids"] = tuple(row.get("task_ids") or ())
-    return JobRecord(**fields)
+def _job_state(event: str) -> JobState:
+    """A job's state from its last event (an admitted job is running)."""
+    return JobState.RUNNING if event == JobEvent.ADMITTED else JobState(event)
 
 
 class AttemptWriter:

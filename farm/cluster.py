@@ -9,8 +9,9 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S
+from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S, cluster_config_path
 from farm.errors import ClusterError
 from farm.render import Renderer
 from farm.task import ModelRef, Pool
@@ -31,7 +32,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
 
     embedded = False
     if not ray.is_initialized():
-        quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+        quiet: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
         if address:
             _check_reachable(address)
             _check_authenticated(address)
@@ -48,8 +49,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
             # address="local": always a new embedded Ray, never a cluster that happens to run here.
             # Ray's dashboard process is what writes the Prometheus service-discovery file that
             # lists each node's metrics agent; it listens on loopback only.
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
-                     dashboard_host="127.0.0.1", **quiet)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                **quiet,
+            )
             embedded = True
     resources = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -68,8 +74,11 @@ def _check_reachable(address: str) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"--address {address!r} is not HOST:PORT", field="--address",
-                           hint="give the head node's GCS address, e.g. 10.0.0.5:6379")
+        raise ClusterError(
+            f"--address {address!r} is not HOST:PORT",
+            field="--address",
+            hint="give the head node's GCS address, e.g. 10.0.0.5:6379",
+        )
     try:
         socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -94,7 +103,7 @@ def _check_authenticated(address: str) -> None:
             hint="set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, or copy it to "
             "~/.ray/auth_token; see 'Security' in the README",
         )
-    from ray._raylet import GcsClient
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # Ray's own client, not in its stubs
     from ray.exceptions import AuthenticationError
 
     try:
@@ -149,10 +158,20 @@ LOCAL_POOL = "local"
 
 def pools_offered(resources: dict) -> list[tuple[Pool, int]]:
     """The pools a node with these resources offers, and its renderer slots in each."""
-    gpu_type = next((k[len(GPU_TYPE_RESOURCE):] for k in resources if k.startswith(GPU_TYPE_RESOURCE)), None)
-    return [(Pool(key[len(POOL_RESOURCE):], gpu_type, resources.get(VRAM_RESOURCE),
-                  float(resources.get(COST_RESOURCE, 0.0)) / 100), int(count))
-            for key, count in resources.items() if key.startswith(POOL_RESOURCE)]
+    gpu_type = next((k[len(GPU_TYPE_RESOURCE) :] for k in resources if k.startswith(GPU_TYPE_RESOURCE)), None)
+    return [
+        (
+            Pool(
+                key[len(POOL_RESOURCE) :],
+                gpu_type,
+                resources.get(VRAM_RESOURCE),
+                float(resources.get(COST_RESOURCE, 0.0)) / 100,
+            ),
+            int(count),
+        )
+        for key, count in resources.items()
+        if key.startswith(POOL_RESOURCE)
+    ]
 
 
 @dataclass(frozen=True)
@@ -175,7 +194,7 @@ def autoscaler_node_types(config_path: str | None = None) -> list[NodeType]:
     None found: the cluster is fixed-size (nothing to scale)."""
     import yaml
 
-    path = Path(config_path or os.environ.get("FARM_CLUSTER_CONFIG") or BOOTSTRAP_CONFIG).expanduser()
+    path = Path(config_path or cluster_config_path() or BOOTSTRAP_CONFIG).expanduser()
     if not path.is_file():
         if config_path:
             raise ClusterError(f"no cluster config at {path}", hint="give the cluster.yaml used with 'ray up'")
@@ -183,20 +202,25 @@ def autoscaler_node_types(config_path: str | None = None) -> list[NodeType]:
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ClusterError(f"cannot read the cluster config {path}: {str(exc).splitlines()[0]}",
-                           hint="check it with 'ray up --no-restart' or fix the YAML") from None
+        raise ClusterError(
+            f"cannot read the cluster config {path}: {str(exc).splitlines()[0]}",
+            hint="check it with 'ray up --no-restart' or fix the YAML",
+        ) from None
     return node_types_of(config)
 
 
 def node_types_of(config: dict) -> list[NodeType]:
     """The farm pools in a parsed cluster-launcher config, one entry per (node type, pool)."""
-    out = []
+    out: list[NodeType] = []
     for name, spec in sorted((config.get("available_node_types") or {}).items()):
         lo, hi = int(spec.get("min_workers", 0)), int(spec.get("max_workers", config.get("max_workers", 0)))
         offered = pools_offered(spec.get("resources") or {})
         if offered and not 0 <= lo <= hi:
-            raise ClusterError(f"min_workers {lo} and max_workers {hi} do not make a range",
-                               field=f"available_node_types.{name}", hint="use 0 <= min_workers <= max_workers")
+            raise ClusterError(
+                f"min_workers {lo} and max_workers {hi} do not make a range",
+                field=f"available_node_types.{name}",
+                hint="use 0 <= min_workers <= max_workers",
+            )
         out.extend(NodeType(name, pool, slots, lo, hi) for pool, slots in offered)
     return out
 
@@ -221,21 +245,27 @@ def discover_pools(nodes: list[dict] | None = None) -> list[PoolCapacity]:
     for node in alive:
         resources = node.get("Resources", {})
         for pool, slots in pools_offered(resources):
-            entry = pools.setdefault(pool.name, {"pool": pool, "slots": 0, "nodes": [],
-                                                 "gpus": resources.get("GPU", 0.0)})
+            entry = pools.setdefault(
+                pool.name, {"pool": pool, "slots": 0, "nodes": [], "gpus": resources.get("GPU", 0.0)}
+            )
             entry["slots"] += slots
             entry["nodes"].append(node["NodeID"])
     if pools:
-        return [PoolCapacity(e["pool"], e["slots"], tuple(e["nodes"]), 1.0 if e["gpus"] else 0.0)
-                for _, e in sorted(pools.items())]
+        return [
+            PoolCapacity(e["pool"], e["slots"], tuple(e["nodes"]), 1.0 if e["gpus"] else 0.0)
+            for _, e in sorted(pools.items())
+        ]
     gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in alive)
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in alive)
     slots = int(gpus) if gpus >= 1 else int(cpus // CPUS_PER_CPU_RENDERER)
     if slots == 0:  # e.g. a head with CPU 0 before the autoscaler has started any worker
         return []
     gpu_type = "GPU" if gpus >= 1 else None
-    return [PoolCapacity(Pool(LOCAL_POOL, gpu_type, None, 0.0), slots, tuple(n["NodeID"] for n in alive),
-                         1.0 if gpus >= 1 else 0.0)]
+    return [
+        PoolCapacity(
+            Pool(LOCAL_POOL, gpu_type, None, 0.0), slots, tuple(n["NodeID"] for n in alive), 1.0 if gpus >= 1 else 0.0
+        )
+    ]
 
 
 def start_renderer(model: ModelRef, capacity: PoolCapacity):
@@ -247,7 +277,12 @@ def start_renderer(model: ModelRef, capacity: PoolCapacity):
     threads = 2 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER
     return (
         ray.remote(Renderer)
-        .options(num_cpus=0 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER, num_gpus=capacity.gpus_per_slot,
-                 resources=resources, max_restarts=0, max_task_retries=0)
+        .options(
+            num_cpus=0 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER,
+            num_gpus=capacity.gpus_per_slot,
+            resources=resources,
+            max_restarts=0,
+            max_task_retries=0,
+        )
         .remote(model, None, threads, capacity.pool.name)
     )

@@ -1,12 +1,51 @@
-"""Every default in one place, and where farm keeps its files ($FARM_HOME)."""
+"""Every default, and every ``FARM_*`` environment variable, in one place.
+
+Nothing else in farm reads ``FARM_*`` or defines a second default. A variable with an invalid
+value does not stop the import (that would be a traceback): the default is used and
+``check_environment()``, which the CLI calls first, reports it as one line.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+from farm.errors import FarmError
+
+# ----------------------------------------------------------------------------- environment
+
+_ENV_PROBLEMS: list[str] = []
+
+
+def _env_number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> float:
+    """A numeric FARM_* variable, else ``default``; a bad value is remembered for check_environment."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+        if not math.isfinite(value) or value < minimum:
+            raise ValueError
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        _ENV_PROBLEMS.append(f"{name}={raw!r} is not {kind} ≥ {minimum:g}")
+        return default
+    return value
+
+
+def check_environment() -> None:
+    """Raise one FarmError for the first FARM_* variable that has an invalid value."""
+    if _ENV_PROBLEMS:
+        raise FarmError(_ENV_PROBLEMS[0], field="environment", hint="fix or unset the variable")
+
+
 FARM_HOME_ENV = "FARM_HOME"
 DEFAULT_FARM_HOME = "./farm-data"
+# Test-only fault injection (farm/faults.py): faults as JSON, or a JSON file's path. Never set in production.
+TEST_FAULTS_ENV = "FARM_TEST_FAULTS"
+
+# ----------------------------------------------------------------------------- manifests
 
 # Render settings a manifest may leave out: small enough for the embedded model on a CPU.
 DEFAULT_WIDTH = 64
@@ -16,9 +55,22 @@ DEFAULT_FPS = 8
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_RETRIES = 2
+DEFAULT_PRIORITY = 0
 # An attempt running longer than this has its renderer stopped and replaced (manifest: timeout_s).
 DEFAULT_TASK_TIMEOUT_S = 900.0
 DEFAULT_MODEL = "tiny"
+# A deadline: at most this far ahead (a longer one is a typo more often than a plan).
+MAX_DEADLINE_S = 366 * 86400
+
+# ----------------------------------------------------------------------------- outputs (S3)
+
+S3_MULTIPART_THRESHOLD_MB = 64
+S3_MULTIPART_CHUNK_MB = 16
+S3_MAX_ATTEMPTS = 5  # botocore retries throttling and 5xx with backoff up to this many tries
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 60.0
+
+# ----------------------------------------------------------------------------- scheduling
 
 # Dispatch: tasks queued at each renderer beyond the one it is rendering, so it never waits
 # for the driver between clips, yet a job is never handed to Ray all at once.
@@ -26,23 +78,41 @@ IN_FLIGHT_PER_RENDERER = 2
 # Failed attempts wait before their retry: base * 2**(attempt-1), capped.
 RETRY_BACKOFF_BASE_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
+# A task on this many renderers that died fails (it is probably what kills them).
+MAX_INTERRUPTIONS = 3
+# A renderer slot that failed this many attempts of a job gets none of that job's tasks again.
+BAD_SLOT_LIMIT = 3
+# Running attempts of a cancelled job get this long before their renderer is stopped.
+CANCEL_GRACE_S = 2.0
+# The controller's loop: the longest a turn blocks waiting for results, how often it reads the
+# cluster's nodes for pools, how many finished jobs' final progress it keeps answering for.
+CONTROLLER_WAIT_S = 0.2
+POOL_REFRESH_S = 2.0
+FINISHED_JOBS_KEPT = 1000
 # Catalog rows are written in batches: at most this many rows or this many seconds lost on a crash.
-CATALOG_BATCH_ROWS = int(os.environ.get("FARM_CATALOG_BATCH_ROWS", "32"))
-CATALOG_BATCH_SECONDS = float(os.environ.get("FARM_CATALOG_BATCH_SECONDS", "5"))
+CATALOG_BATCH_ROWS = int(_env_number("FARM_CATALOG_BATCH_ROWS", 32, minimum=1, integer=True))
+CATALOG_BATCH_SECONDS = _env_number("FARM_CATALOG_BATCH_SECONDS", 5.0)
 # CPUs each renderer reserves when there is no GPU; torch uses as many threads.
 CPUS_PER_CPU_RENDERER = 1
 # Seconds to wait for a Ray head's port before calling it unreachable.
 RAY_CONNECT_TIMEOUT_S = 5.0
-# The controller's Prometheus metrics: loopback unless FARM_METRICS_ADDRESS opens them up.
-DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
 # Seconds to wait for the hub before calling it unreachable.
 HUB_CONNECT_TIMEOUT_S = 5.0
+
+# ----------------------------------------------------------------------------- scaling and metrics
+
+# The controller's Prometheus metrics: loopback unless FARM_METRICS_ADDRESS opens them up.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
 # Autoscaling (farm/scaling.py): seconds one renderer slot takes per clip until a pool has measured
 # its own, and how long a pool's backlog stays empty before its nodes are let go down to min_workers.
 DEFAULT_SECONDS_PER_CLIP = 60.0
-SCALE_DOWN_IDLE_S = float(os.environ.get("FARM_SCALE_DOWN_IDLE_S", "300"))
+# A finished job's metric series stay this long, so dashboards show how it ended.
+FINISHED_JOB_TTL_S = 3600.0
+SCALE_DOWN_IDLE_S = _env_number("FARM_SCALE_DOWN_IDLE_S", 300.0)
 # How often the controller recomputes the workers each pool needs and tells Ray's autoscaler.
-AUTOSCALE_INTERVAL_S = float(os.environ.get("FARM_AUTOSCALE_INTERVAL_S", "5"))
+AUTOSCALE_INTERVAL_S = _env_number("FARM_AUTOSCALE_INTERVAL_S", 5.0, minimum=0.01)
+
+# ----------------------------------------------------------------------------- places
 
 
 def farm_home() -> Path:
@@ -52,6 +122,11 @@ def farm_home() -> Path:
 def catalog_location() -> str:
     """The catalog: FARM_CATALOG (a local path or s3://bucket/prefix), else $FARM_HOME/catalog."""
     return os.environ.get("FARM_CATALOG") or str(farm_home() / "catalog")
+
+
+def catalog_named() -> bool:
+    """Whether this process was told where the catalog is (FARM_CATALOG or FARM_HOME)."""
+    return bool(os.environ.get("FARM_CATALOG") or os.environ.get(FARM_HOME_ENV))
 
 
 def cluster_catalog_location() -> str:
@@ -78,3 +153,23 @@ def metrics_address() -> str:
 
 def outputs_dir() -> Path:
     return farm_home() / "outputs"
+
+
+def cluster_config_path() -> str | None:
+    """A cluster-launcher config whose node types farm plans and scales for (FARM_CLUSTER_CONFIG)."""
+    return os.environ.get("FARM_CLUSTER_CONFIG") or None
+
+
+def deploy_dir(default: Path) -> Path:
+    """Prometheus/Grafana configuration shipped with farm (FARM_DEPLOY_DIR overrides)."""
+    return Path(os.environ.get("FARM_DEPLOY_DIR") or default)
+
+
+def dashboards_dir(default: Path) -> Path:
+    """Grafana dashboards shipped with farm (FARM_DASHBOARDS_DIR overrides)."""
+    return Path(os.environ.get("FARM_DASHBOARDS_DIR") or default)
+
+
+def fault_file() -> str | None:
+    """Test-only: the faults farm/faults.py injects, as JSON or a file's path (None in production)."""
+    return os.environ.get(TEST_FAULTS_ENV) or None

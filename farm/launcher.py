@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from farm.cluster import NodeType, node_types_of
 from farm.config import farm_home
@@ -63,6 +63,38 @@ def load_config(path: Path, farm_checks: bool = True) -> LauncherConfig:
     """Read and check a cluster-launcher config; every problem is one ClusterError line. Without
     ``farm_checks`` only Ray's own validation runs: enough to reach (or tear down) a cluster that
     an edited config would no longer be allowed to create."""
+    raw = _read_yaml(path)
+    _validate_with_ray(path, raw)
+    if not isinstance(raw.get("file_mounts") or {}, dict):
+        raise _fail(
+            path,
+            "file_mounts must be a mapping of node path: local path",
+            field="file_mounts",
+            hint="write it as in the repository's cluster.yaml",
+        )
+    try:
+        types = tuple(node_types_of(raw))
+    except ClusterError as exc:
+        raise _fail(path, exc.message, field=exc.field, hint=exc.hint or "") from None
+    commands = [str(c) for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in raw.get(key) or []]
+    token_paths = {m.group(1) for c in commands for m in _TOKEN_PATH_RE.finditer(c)}
+    on_nodes = sorted(token_paths)[0] if token_paths else _RAY_DEFAULT_TOKEN
+    config = LauncherConfig(
+        path=path,
+        cluster_name=str(raw.get("cluster_name", "default")),
+        provider=str((raw.get("provider") or {}).get("type", "")),
+        head_node_type=str(raw.get("head_node_type", "")),
+        node_types=types,
+        token_file=Path(on_nodes.replace("$HOME", "~")).expanduser(),
+        token_path_on_nodes=on_nodes,
+    )
+    if not farm_checks:
+        return config
+    _check_farm_rules(path, raw, types, token_paths)
+    return replace(config, token_file=_local_token_file(path, raw, on_nodes))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
@@ -72,45 +104,47 @@ def load_config(path: Path, farm_checks: bool = True) -> LauncherConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise ClusterError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}", file=str(path), line=line,
-                           hint="fix the YAML syntax") from None
+        raise ClusterError(
+            f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
+            file=str(path),
+            line=line,
+            hint="fix the YAML syntax",
+        ) from None
     if not isinstance(raw, dict):
         raise _fail(path, "a cluster config is a YAML mapping", "start from the repository's cluster.yaml")
-    _validate_with_ray(path, raw)
-    if not isinstance(raw.get("file_mounts") or {}, dict):
-        raise _fail(path, "file_mounts must be a mapping of node path: local path", field="file_mounts",
-                    hint="write it as in the repository's cluster.yaml")
-    try:
-        types = tuple(node_types_of(raw))
-    except ClusterError as exc:
-        raise _fail(path, exc.message, field=exc.field, hint=exc.hint or "") from None
-    commands = [str(c) for key in ("head_start_ray_commands", "worker_start_ray_commands")
-                for c in raw.get(key) or []]
-    token_paths = {m.group(1) for c in commands for m in _TOKEN_PATH_RE.finditer(c)}
-    on_nodes = sorted(token_paths)[0] if token_paths else _RAY_DEFAULT_TOKEN
-    config = LauncherConfig(path=path, cluster_name=str(raw.get("cluster_name", "default")),
-                            provider=str((raw.get("provider") or {}).get("type", "")),
-                            head_node_type=str(raw.get("head_node_type", "")), node_types=types,
-                            token_file=Path(on_nodes.replace("$HOME", "~")).expanduser(),
-                            token_path_on_nodes=on_nodes)
-    if not farm_checks:
-        return config
+    return raw
+
+
+def _check_farm_rules(path: Path, raw: dict[str, Any], types: tuple[NodeType, ...], token_paths: set[str]) -> None:
+    """What farm asks beyond Ray's schema: a farm pool on a worker type, token auth in every start
+    command, one token file for every node."""
     if not types:
-        raise _fail(path, "no worker node type offers a farm pool", field="available_node_types",
-                    hint='add a resource "farm_pool:<name>": <renderer slots> to a worker type\'s resources')
+        raise _fail(
+            path,
+            "no worker node type offers a farm pool",
+            field="available_node_types",
+            hint='add a resource "farm_pool:<name>": <renderer slots> to a worker type\'s resources',
+        )
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [str(c) for c in raw.get(key) or [] if "ray start" in str(c)]
         other_modes = {m.group(1) for c in raw.get(key) or [] for m in _ANY_MODE_RE.finditer(str(c))} - {"token"}
         # The setting must be in the command that starts Ray (a comment or an echo elsewhere does not count).
         if not starts or other_modes or not all(_TOKEN_MODE_RE.search(c.split("ray start")[0]) for c in starts):
-            raise _fail(path, "starts Ray without token authentication: anyone who reaches its ports could run "
-                        "code on the cluster (CVE-2023-48022)", field=key,
-                        hint="export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<file> in the same command, before "
-                             "'ray start', as the repository's cluster.yaml does")
+            raise _fail(
+                path,
+                "starts Ray without token authentication: anyone who reaches its ports could run "
+                "code on the cluster (CVE-2023-48022)",
+                field=key,
+                hint="export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<file> in the same command, before "
+                "'ray start', as the repository's cluster.yaml does",
+            )
     if len(token_paths) > 1:
-        raise _fail(path, f"the start commands read the token from different files: {sorted(token_paths)}",
-                    field="head_start_ray_commands", hint="every node must read the same RAY_AUTH_TOKEN_PATH")
-    return replace(config, token_file=_local_token_file(path, raw, on_nodes))
+        raise _fail(
+            path,
+            f"the start commands read the token from different files: {sorted(token_paths)}",
+            field="head_start_ray_commands",
+            hint="every node must read the same RAY_AUTH_TOKEN_PATH",
+        )
 
 
 def _validate_with_ray(path: Path, raw: dict) -> None:
@@ -122,13 +156,25 @@ def _validate_with_ray(path: Path, raw: dict) -> None:
         validate_config(prepare_config(copy.deepcopy(raw)))
     except jsonschema.ValidationError as exc:
         field = ".".join(str(p) for p in exc.absolute_path) or None
-        raise _fail(path, f"Ray's cluster schema rejects it: {exc.message}", field=field,
-                    hint="see Ray's cluster YAML reference, or compare with the repository's cluster.yaml") from None
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
-            AssertionError) as exc:  # what Ray's own checks raise on configs its schema lets through
+        raise _fail(
+            path,
+            f"Ray's cluster schema rejects it: {exc.message}",
+            field=field,
+            hint="see Ray's cluster YAML reference, or compare with the repository's cluster.yaml",
+        ) from None
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        NotImplementedError,
+        AssertionError,
+    ) as exc:  # what Ray's own checks raise on configs its schema lets through
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _fail(path, f"Ray's cluster launcher rejects it: {detail}",
-                    hint="compare with the repository's cluster.yaml") from None
+        raise _fail(
+            path, f"Ray's cluster launcher rejects it: {detail}", hint="compare with the repository's cluster.yaml"
+        ) from None
 
 
 def _local_token_file(path: Path, raw: dict, on_nodes: str) -> Path:
@@ -139,10 +185,13 @@ def _local_token_file(path: Path, raw: dict, on_nodes: str) -> Path:
         if node_path == remote:
             return Path(str(local)).expanduser()
         if node_path.startswith(remote + "/"):
-            return Path(str(local)).expanduser() / node_path[len(remote) + 1:]
-    raise _fail(path, f"the nodes read the Ray token from {on_nodes}, but no file_mounts entry puts it there",
-                field="file_mounts", hint=f"mount the directory of {on_nodes} from this machine, "
-                                          "as the repository's cluster.yaml does")
+            return Path(str(local)).expanduser() / node_path[len(remote) + 1 :]
+    raise _fail(
+        path,
+        f"the nodes read the Ray token from {on_nodes}, but no file_mounts entry puts it there",
+        field="file_mounts",
+        hint=f"mount the directory of {on_nodes} from this machine, as the repository's cluster.yaml does",
+    )
 
 
 def ensure_token(config: LauncherConfig) -> bool:
@@ -169,12 +218,19 @@ def _check_credentials(config: LauncherConfig) -> None:
     try:
         credentials = boto3.Session().get_credentials()
     except botocore.exceptions.BotoCoreError as exc:  # e.g. an AWS_PROFILE that does not exist
-        raise ClusterError(f"cannot read AWS credentials: {exc}", file=str(config.path), field="provider",
-                           hint="fix AWS_PROFILE or ~/.aws/config, or run 'aws configure'") from None
+        raise ClusterError(
+            f"cannot read AWS credentials: {exc}",
+            file=str(config.path),
+            field="provider",
+            hint="fix AWS_PROFILE or ~/.aws/config, or run 'aws configure'",
+        ) from None
     if credentials is None:
-        raise ClusterError("no AWS credentials found for the cluster launcher", file=str(config.path),
-                           field="provider", hint="run 'aws configure', or set AWS_PROFILE or "
-                                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        raise ClusterError(
+            "no AWS credentials found for the cluster launcher",
+            file=str(config.path),
+            field="provider",
+            hint="run 'aws configure', or set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
 
 
 def _ray_executable() -> str:
@@ -197,18 +253,27 @@ def _run(config: LauncherConfig, verb: str, args: list[str], echo: TextIO) -> La
     last_line = ""
     with open(log, "w") as log_file:
         try:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         except OSError as exc:
             raise ClusterError(f"cannot run the Ray launcher: {exc}", hint="install farm again") from None
         try:
-            for line in proc.stdout:
+            for line in proc.stdout or ():
                 log_file.write(line)
                 log_file.flush()
                 if line.startswith("Traceback (most recent call last)"):
                     in_traceback = True
-                elif in_traceback and line[:1] not in (" ", "\t", "\n", "") and not line.startswith(
-                        ("During handling", "The above exception")):
+                elif (
+                    in_traceback
+                    and line[:1] not in (" ", "\t", "\n", "")
+                    and not line.startswith(("During handling", "The above exception"))
+                ):
                     in_traceback = False  # the exception's own line closes the traceback: kept as last_line
                     last_line = line.strip()
                     continue
@@ -223,8 +288,11 @@ def _run(config: LauncherConfig, verb: str, args: list[str], echo: TextIO) -> La
 
 def _checked(config: LauncherConfig, verb: str, run: LauncherRun) -> LauncherRun:
     if run.returncode != 0:
-        raise ClusterError(f"'ray {verb}' failed (exit {run.returncode}): {run.last_line or 'no output'}",
-                           file=str(config.path), hint=f"the launcher's full output is in {run.log}")
+        raise ClusterError(
+            f"'ray {verb}' failed (exit {run.returncode}): {run.last_line or 'no output'}",
+            file=str(config.path),
+            hint=f"the launcher's full output is in {run.log}",
+        )
     return run
 
 
@@ -250,5 +318,5 @@ def status(path: Path, *, echo: TextIO = sys.stderr) -> LauncherRun:
     """Ray's view of the cluster (nodes, resources, pending demands), asked on the head node."""
     config = load_config(path, farm_checks=False)
     _check_credentials(config)
-    on_head = (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={config.token_path_on_nodes} ray status")
+    on_head = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={config.token_path_on_nodes} ray status"
     return _checked(config, "exec", _run(config, "status", ["exec", str(path), on_head], echo))

@@ -1,70 +1,92 @@
-"""Manifests: the pydantic schema, YAML loading with line-numbered errors, matrix expansion.
+"""Manifests: the schema, YAML loading with line-numbered errors, and each value parsed once.
 
 A manifest is untrusted input, validated once here. Every error names the file, the line and
-the field, and says how to fix it.
+the field, and says how to fix it. What comes out is a ``ManifestFile`` of typed values: the
+resolved model and its size limits, the output target with its storage options, the deadline,
+the rows file's records. Expansion into tasks (``expand.py``) works on those and reads nothing.
 
-The matrix: every value of each axis × every row of each zip group × every row of the rows file
-× every seed, plus explicit tasks. Render settings layer: manifest ``render`` < axis values (in
-order of declaration) < row columns < an explicit task's own ``render``.
+The ``render:``, ``requirements:`` and ``storage:`` keys are not listed here: they are the fields
+of ``RenderSettings``, ``Requirements`` and ``StorageOptions``, with the bounds their metadata
+states (``_optional_fields_of``).
 """
 
 from __future__ import annotations
 
 import csv
-import functools
-import itertools
-import math
+import dataclasses
 import re
-import string
 import types
 import typing
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from farm.config import (
-    DEFAULT_FPS,
-    DEFAULT_FRAMES,
-    DEFAULT_GUIDANCE,
-    DEFAULT_HEIGHT,
     DEFAULT_MODEL,
+    DEFAULT_PRIORITY,
     DEFAULT_RETRIES,
-    DEFAULT_STEPS,
     DEFAULT_TASK_TIMEOUT_S,
-    DEFAULT_WIDTH,
+    MAX_DEADLINE_S,
     outputs_dir,
 )
 from farm.errors import FarmError, ManifestError
-from farm.models import constraints_for, estimate_vram_gb, resolve_model
+from farm.models import ModelConstraints, constraints_for, resolve_model
 from farm.storage import OutputTarget, StorageOptions, check_output
-from farm.task import ModelRef, RenderSettings, Requirements, Task, compute_task_id
+from farm.task import ModelRef, RenderSettings, Requirements
+from farm.timeparse import Deadline
 
 Scalar = str | int | float | bool
-RENDER_FIELDS = ("width", "height", "frames", "fps", "steps", "guidance", "negative_prompt")
+RENDER_FIELDS = tuple(f.name for f in dataclasses.fields(RenderSettings))
 ROW_RESERVED = {*RENDER_FIELDS, "prompt", "seed"}
 CAMPAIGN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 SEED_MAX = 2**63 - 1
 
 
-class RenderOverrides(BaseModel):
-    """Render settings; any of them may be left out to inherit from the layer below."""
+class _Overrides(BaseModel):
+    """A layer of optional values over a record's defaults: only the keys a manifest sets."""
 
     model_config = ConfigDict(extra="forbid")
 
-    width: Annotated[int, Field(gt=0, le=8192)] | None = None
-    height: Annotated[int, Field(gt=0, le=8192)] | None = None
-    frames: Annotated[int, Field(gt=0, le=10000)] | None = None
-    fps: Annotated[int, Field(gt=0, le=240)] | None = None
-    steps: Annotated[int, Field(gt=0, le=1000)] | None = None
-    guidance: Annotated[float, Field(ge=0, le=100)] | None = None
-    negative_prompt: str | None = None
-
     def set_fields(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    if TYPE_CHECKING:  # the fields are made at run time from a dataclass
+
+        def __getattr__(self, name: str) -> Any: ...
+
+
+def _optional_fields_of(record: type, name: str, doc: str) -> type[_Overrides]:
+    """A pydantic model with every field of the dataclass ``record``, each optional, with the
+    bounds its field metadata states: the manifest's keys for that record, declared nowhere else."""
+    hints = typing.get_type_hints(record)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        bounds = f.metadata.get("bounds") or {}
+        fields[f.name] = ((Annotated[tp, Field(**bounds)] if bounds else tp) | None, None)
+    return create_model(name, __base__=_Overrides, __doc__=doc, **fields)
+
+
+if TYPE_CHECKING:
+    RenderOverrides = _Overrides
+    RequirementsSpec = _Overrides
+    StorageSettings = _Overrides
+else:
+    RenderOverrides = _optional_fields_of(
+        RenderSettings, "RenderOverrides", "Render settings; any may be left out to inherit from the layer below."
+    )
+    RequirementsSpec = _optional_fields_of(
+        Requirements, "RequirementsSpec", "What renderers may take a task: GPU memory, GPU type, pool."
+    )
+    StorageSettings = _optional_fields_of(
+        StorageOptions, "StorageSettings", "How to reach an S3-compatible store for output: s3://…"
+    )
 
 
 class AxisValue(BaseModel):
@@ -93,17 +115,6 @@ class SeedRange(BaseModel):
     base: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
 
 
-class RequirementsSpec(BaseModel):
-    """What renderers may take a task: at least this much GPU memory, this GPU type, this pool.
-    Without ``min_vram_gb`` farm estimates it from the model and the clip's size."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_vram_gb: Annotated[float, Field(ge=0, le=4096)] | None = None
-    gpu_type: str | None = None
-    pool: str | None = None
-
-
 class ExtraTask(BaseModel):
     """A hand-written task: its own prompt (or the template filled from ``vars``), seed, settings."""
 
@@ -125,19 +136,6 @@ class RowsSource(BaseModel):
     path: str
 
 
-class StorageSettings(BaseModel):
-    """How to reach an S3-compatible store for ``output: s3://…``. Credentials are never set here:
-    they come from boto3's usual chain (environment, ``profile``, instance role)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    multipart_threshold_mb: Annotated[int, Field(ge=5, le=5120)] = 64
-    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
-
-
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -153,7 +151,7 @@ class Manifest(BaseModel):
     output: str | None = None
     storage: StorageSettings = StorageSettings()
     retries: Annotated[int, Field(ge=0, le=100)] = DEFAULT_RETRIES
-    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0  # higher goes first across jobs
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = DEFAULT_PRIORITY  # higher goes first across jobs
     timeout_s: Annotated[float, Field(gt=0, le=86400)] = DEFAULT_TASK_TIMEOUT_S  # per attempt
     requirements: RequirementsSpec = RequirementsSpec()
     # When the whole job should be done: a duration from submission ("6h", "90m", 3600) or a
@@ -170,42 +168,8 @@ class Manifest(BaseModel):
     @classmethod
     def _deadline_parses(cls, value: str | float | None) -> str | float | None:
         if value is not None:
-            deadline_seconds(value, datetime.now(UTC))
+            Deadline.parse(value, MAX_DEADLINE_S)
         return value
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_MAX_DURATION_S = 366 * 86400
-
-
-def deadline_seconds(value: str | float, now: datetime) -> float:
-    """Seconds from ``now`` to a manifest's ``deadline`` (a duration, or a time with its zone).
-    A time already past gives a negative number, not an error: re-submitting a late campaign to
-    resume it must still work (the plan then says the deadline has passed)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-        if not math.isfinite(seconds):
-            raise ValueError(f"{value} is not a number of seconds: give e.g. 3600 or 6h")
-    else:
-        match = _DURATION.match(str(value))
-        if match:
-            seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
-        else:
-            try:
-                at = datetime.fromisoformat(str(value))
-            except ValueError:
-                raise ValueError(f"{value!r} is neither a duration nor a time: write e.g. 6h, 90m, 3600 or "
-                                 "2027-03-01T09:00:00+01:00") from None
-            if at.tzinfo is None:
-                raise ValueError(f"{value!r} has no time zone: add one, e.g. {at.isoformat()}+00:00")
-            return (at - now).total_seconds()
-    if seconds <= 0:
-        raise ValueError("must be positive: give a duration such as 6h or a future time")
-    if seconds > _MAX_DURATION_S:
-        raise ValueError(f"{value} is more than a year: give a shorter duration, or a time such as "
-                         "2027-03-01T09:00:00+01:00")
-    return seconds
 
 
 # ----------------------------------------------------------------------------- loading
@@ -220,26 +184,40 @@ class Where:
     field: str
 
 
+@dataclass(frozen=True)
+class RowsFile:
+    """A rows file's records as read, with where each came from (CSV: its line; Parquet: row n)."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    first_line: int  # the CSV line of the first record; 0 for Parquet (rows are numbered instead)
+
+    def where(self, i: int) -> Where:
+        if self.first_line:
+            return Where(str(self.path), self.first_line + i, "row")
+        return Where(str(self.path), None, f"row {i + 1}")
+
+
 @dataclass
 class ManifestFile:
-    """A validated manifest and everything needed to point back into its text."""
+    """A validated manifest, its values parsed once into typed ones, and everything needed to point
+    back into its text."""
 
     manifest: Manifest
     path: Path
     text: str
     lines: dict[tuple, int]
     model: ModelRef
-    target: OutputTarget
-
-    @property
-    def output(self) -> str:
-        return self.target.uri
+    constraints: ModelConstraints  # the sizes the model can take
+    target: OutputTarget  # where the clips go, with the options to reach it
+    deadline: Deadline | None = None
+    rows: RowsFile | None = None
 
     def where(self, *data_path: Any) -> Where:
         return Where(str(self.path), _line_of(self.lines, data_path), _field_name(data_path))
 
     def error(self, message: str, *data_path: Any, hint: str | None = None) -> ManifestError:
-        return _error_at(self.where(*data_path), message, hint)
+        return error_at(self.where(*data_path), message, hint)
 
     @property
     def max_attempts(self) -> int:
@@ -249,50 +227,113 @@ class ManifestFile:
 def load_manifest(path: str | Path, output_override: str | None = None) -> ManifestFile:
     """Read, parse and validate a manifest file. Raises ManifestError with file:line: field."""
     path = Path(path)
+    text = _read_text(path)
+    data, lines = _parse_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise ManifestError("a manifest must be a YAML mapping (campaign:, prompt:, axes:, …)", file=str(path), line=1)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_error(exc, data, lines, str(path)) from None
+
+    def error(message: str, *data_path: Any, hint: str | None = None) -> ManifestError:
+        return error_at(Where(str(path), _line_of(lines, data_path), _field_name(data_path)), message, hint)
+
+    if not CAMPAIGN_NAME.match(manifest.campaign):
+        raise error(
+            f"{manifest.campaign!r} is not a valid campaign name",
+            "campaign",
+            hint="use letters, digits, '-', '_' or '.', starting with a letter or digit (at most 80)",
+        )
+    base_dir = path.resolve().parent
+    try:
+        model = resolve_model(manifest.model, base_dir)
+    except FarmError as exc:
+        raise error(exc.message, "model", hint=exc.hint) from None
+    target = _output_target(manifest, output_override, base_dir, error)
+    # The schema checked the deadline already; this is where it becomes a value.
+    deadline = Deadline.parse(manifest.deadline, MAX_DEADLINE_S) if manifest.deadline is not None else None
+    rows = _read_rows(manifest.rows, base_dir, error) if manifest.rows is not None else None
+    return ManifestFile(manifest, path, text, lines, model, constraints_for(model), target, deadline, rows)
+
+
+def _read_text(path: Path) -> str:
     shown = str(path)
     if not path.exists():
         raise ManifestError(f"manifest {shown} does not exist", hint="check the path")
     if path.is_dir():
         raise ManifestError(f"{shown} is a directory", hint="give the manifest's .yaml file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read {shown}: {exc}") from None
-    data, lines = _parse_yaml(text, shown)
-    if not isinstance(data, dict):
-        raise ManifestError(
-            "a manifest must be a YAML mapping (campaign:, prompt:, axes:, …)", file=shown, line=1
-        )
-    try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as exc:
-        raise _pydantic_error(exc, data, lines, shown) from None
-    base_dir = path.resolve().parent
-    where = lambda *p: Where(shown, _line_of(lines, p), _field_name(p))  # noqa: E731
-    if not CAMPAIGN_NAME.match(manifest.campaign):
-        raise _error_at(
-            where("campaign"),
-            f"{manifest.campaign!r} is not a valid campaign name",
-            "use letters, digits, '-', '_' or '.', starting with a letter or digit (at most 80)",
-        )
-    try:
-        model = resolve_model(manifest.model, base_dir)
-    except FarmError as exc:
-        raise _error_at(where("model"), exc.message, exc.hint) from None
-    if output_override is not None:
-        output, output_where = _resolve_output(output_override, Path.cwd()), Where(shown, None, "--output")
+
+
+def _output_target(manifest: Manifest, override: str | None, base_dir: Path, error: Any) -> OutputTarget:
+    """Where the clips go: --output, else the manifest's output:, else $FARM_HOME/outputs/<campaign>."""
+    if override is not None:
+        uri, field = _resolve_output(override, Path.cwd()), ("--output",)
     elif manifest.output is not None:
-        output, output_where = _resolve_output(manifest.output, base_dir), where("output")
+        uri, field = _resolve_output(manifest.output, base_dir), ("output",)
     else:
-        output, output_where = str(outputs_dir() / manifest.campaign), where("campaign")
+        uri, field = str(outputs_dir() / manifest.campaign), ("campaign",)
     try:
-        check_output(output)
+        check_output(uri)
     except FarmError as exc:
-        raise _error_at(output_where, exc.message, exc.hint) from None
-    st = manifest.storage
-    options = StorageOptions(endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
-                             multipart_threshold_mb=st.multipart_threshold_mb, max_attempts=st.max_attempts)
-    return ManifestFile(manifest, path, text, lines, model, OutputTarget(output, options))
+        raise error(exc.message, *field, hint=exc.hint) from None
+    return OutputTarget(uri, StorageOptions(**manifest.storage.set_fields()))
+
+
+def _read_rows(rows: str | RowsSource, base_dir: Path, error: Any) -> RowsFile:
+    """The rows file's records (CSV, TSV or Parquet), read once at load time."""
+    spec = rows.path if isinstance(rows, RowsSource) else rows
+    field_path = ("rows", "path") if isinstance(rows, RowsSource) else ("rows",)
+    path = Path(spec).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise error(
+            f"rows file {path} does not exist",
+            *field_path,
+            hint="give a CSV or Parquet file path relative to the manifest",
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            found = RowsFile(path, pq.read_table(path).to_pylist(), 0)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise error(f"cannot read rows file {path}: {exc}", *field_path) from None
+    elif suffix in (".csv", ".tsv"):
+        found = RowsFile(path, _read_csv_rows(path, error, field_path), 2)
+    else:
+        raise error(
+            f"rows file {path.name} is neither .csv nor .parquet", *field_path, hint="convert it to CSV or Parquet"
+        )
+    if not found.records:
+        raise error(f"rows file {path} has no rows", *field_path, hint="add rows or remove rows:")
+    return found
+
+
+def _read_csv_rows(path: Path, error: Any, field_path: tuple) -> list[dict[str, Any]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            records = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise error(f"cannot read rows file {path}: {exc}", *field_path) from None
+    if reader.fieldnames is None:
+        raise error(f"rows file {path} has no header row", *field_path, hint="add column names")
+    for n, record in enumerate(records):
+        if None in record:
+            raise ManifestError(
+                "this row has more cells than the header has columns",
+                file=str(path),
+                line=n + 2,
+                hint="quote cells that contain the delimiter",
+            )
+    return records
 
 
 def _resolve_output(value: str, base_dir: Path) -> str:
@@ -361,7 +402,7 @@ def _field_name(path: tuple) -> str:
     return out
 
 
-def _error_at(where: Where, message: str, hint: str | None = None) -> ManifestError:
+def error_at(where: Where, message: str, hint: str | None = None) -> ManifestError:
     return ManifestError(message, file=where.file, line=where.line, field=where.field or None, hint=hint)
 
 
@@ -436,335 +477,4 @@ def _pydantic_error(exc: ValidationError, data: Any, lines: dict[tuple, int], fi
         message = best["msg"]
         if "input" in best and not isinstance(best["input"], dict | list):
             message = f"{best['input']!r}: {message[0].lower()}{message[1:]}"
-    return ManifestError(
-        message, file=file, line=_line_of(lines, path), field=_field_name(path) or None, hint=hint
-    )
-
-
-# ----------------------------------------------------------------------------- expansion
-
-
-@dataclass
-class _Variant:
-    """Part of a combination: placeholder values and render overrides, each with where it came from."""
-
-    values: dict[str, str] = field(default_factory=dict)
-    # Render overrides with where they were set: a manifest path, or a place in a rows file.
-    overrides: list[tuple[dict[str, Any], tuple | Where]] = field(default_factory=list)
-    prompt: str | None = None
-    prompt_where: Where | None = None
-    seed: int | None = None
-    requirements: RequirementsSpec | None = None
-
-
-@dataclass(frozen=True)
-class Expansion:
-    tasks: list[Task]
-    expanded: int  # tasks before identical ones collapsed
-
-
-def expand(mf: ManifestFile) -> Expansion:
-    """Expand a manifest into its tasks (deterministic order; identical tasks collapse)."""
-    m = mf.manifest
-    base = RenderSettings(
-        width=DEFAULT_WIDTH,
-        height=DEFAULT_HEIGHT,
-        frames=DEFAULT_FRAMES,
-        fps=DEFAULT_FPS,
-        steps=DEFAULT_STEPS,
-        guidance=DEFAULT_GUIDANCE,
-        negative_prompt="",
-    )
-    base_layer = (m.render.set_fields(), ("render",))
-    seeds = list(range(m.seeds.base, m.seeds.base + m.seeds.count)) if isinstance(m.seeds, SeedRange) else m.seeds
-    if not seeds:
-        raise mf.error("no seeds given", "seeds", hint="give a list such as [0, 1] or {count: 2}")
-
-    groups = _axis_groups(mf) + ([_rows_group(mf)] if m.rows is not None else [])
-    names = [n for g in groups for n in (g[0].values if g else {})]
-    combos: list[tuple[str, list[_Variant]]] = []
-    if m.prompt is not None:
-        _check_placeholders(mf, m.prompt, set(names), ("prompt",))
-        combos.extend(("matrix", list(parts)) for parts in itertools.product(*groups))
-    elif groups:
-        raise mf.error(
-            "axes, zip or rows are given but there is no prompt template to fill",
-            "prompt",
-            hint="add prompt: with {placeholders}",
-        )
-    for i, extra in enumerate(m.tasks):
-        if extra.prompt is None and m.prompt is None:
-            raise mf.error("this task has no prompt and the manifest has no template", "tasks", i,
-                           hint="give the task a prompt: or the manifest a prompt:")
-        if extra.prompt is None:
-            _check_placeholders(mf, m.prompt or "", set(extra.vars), ("tasks", i, "vars"))
-        variant = _Variant(
-            values={k: _text(v) for k, v in extra.vars.items()},
-            overrides=[(extra.render.set_fields(), ("tasks", i, "render"))],
-            prompt=extra.prompt,
-            prompt_where=mf.where("tasks", i, "prompt"),
-            seed=extra.seed,
-            requirements=extra.requirements,
-        )
-        combos.append((f"tasks[{i}]", [variant]))
-    if not combos:
-        raise mf.error("the manifest defines no tasks", "campaign", hint="add prompt: (and axes:) or tasks:")
-
-    constraints = constraints_for(mf.model)
-    tasks: dict[str, Task] = {}
-    expanded = 0
-    for source, parts in combos:
-        values: dict[str, str] = {}
-        layers = [base_layer]
-        prompt_template, prompt_where, seed, wanted = m.prompt, None, None, m.requirements
-        for part in parts:
-            values.update(part.values)
-            layers.extend(part.overrides)
-            if part.prompt is not None:
-                prompt_template, prompt_where = part.prompt, part.prompt_where
-            if part.seed is not None:
-                seed = part.seed
-            if part.requirements is not None:
-                wanted = part.requirements
-        if prompt_where is not None:  # a task's or a row's own prompt: its placeholders need values too
-            missing = [n for n in _template_names(prompt_template or "", prompt_where) if n not in values]
-            if missing:
-                raise _error_at(prompt_where, f"placeholder {{{missing[0]}}} has no value",
-                                f"add vars: {{{missing[0]}: ...}} (or a column named {missing[0]})")
-        settings, provenance = _layer_settings(base, layers, mf)
-        for name, problem in constraints.problems(settings.width, settings.height, settings.frames).items():
-            origin = provenance[name]
-            where = mf.where(*origin) if isinstance(origin, tuple) else origin
-            raise _error_at(where, f"{problem} (model {mf.model.spec})")
-        prompt = _fill(prompt_template or "", values)
-        negative = _fill(settings.negative_prompt, values)
-        if negative != settings.negative_prompt:
-            settings = RenderSettings(**{**settings.__dict__, "negative_prompt": negative})
-        variant = tuple(sorted(values.items()))
-        needs = Requirements(
-            wanted.min_vram_gb if wanted.min_vram_gb is not None else estimate_vram_gb(mf.model, settings),
-            wanted.gpu_type, wanted.pool)
-        for s in [seed] if seed is not None else seeds:
-            expanded += 1
-            task_id = compute_task_id(mf.model.identity, "t2v", prompt, settings, s)
-            if task_id not in tasks:
-                tasks[task_id] = Task(task_id, prompt, s, mf.model, settings, variant, "t2v", source, needs)
-    return Expansion(list(tasks.values()), expanded)
-
-
-def _text(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _axis_groups(mf: ManifestFile) -> list[list[_Variant]]:
-    m = mf.manifest
-    groups: list[list[_Variant]] = []
-    seen: dict[str, tuple] = {}
-
-    def claim(name: str, path: tuple) -> None:
-        if not name.isidentifier():
-            raise mf.error(f"axis name {name!r} cannot be a placeholder", *path,
-                           hint="use letters, digits and '_' (not starting with a digit)")
-        if name in seen:
-            raise mf.error(f"axis {name!r} is also defined at {mf.where(*seen[name]).field}", *path,
-                           hint="give each axis one place")
-        seen[name] = path
-
-    for name, entries in m.axes.items():
-        claim(name, ("axes", name))
-        if not entries:
-            raise mf.error(f"axis {name!r} has no values", "axes", name, hint="give at least one value")
-        groups.append([_entry_variant(mf, name, e, ("axes", name, i)) for i, e in enumerate(entries)])
-    for g, group in enumerate(m.zip):
-        if not group:
-            raise mf.error("zip group is empty", "zip", g, hint="list axes that vary together")
-        lengths = {name: len(entries) for name, entries in group.items()}
-        for name in group:
-            claim(name, ("zip", g, name))
-        if len(set(lengths.values())) != 1:
-            detail = ", ".join(f"{n} has {k}" for n, k in lengths.items())
-            raise mf.error(f"zipped axes must have the same number of values ({detail})", "zip", g,
-                           hint="make the lists the same length, or move an axis to axes:")
-        if not next(iter(lengths.values())):
-            raise mf.error("zipped axes have no values", "zip", g, hint="give at least one value")
-        rows = []
-        for i in range(next(iter(lengths.values()))):
-            merged = _Variant()
-            for name, entries in group.items():
-                part = _entry_variant(mf, name, entries[i], ("zip", g, name, i))
-                merged.values.update(part.values)
-                merged.overrides.extend(part.overrides)
-            rows.append(merged)
-        groups.append(rows)
-    return groups
-
-
-def _entry_variant(mf: ManifestFile, name: str, entry: AxisEntry, path: tuple) -> _Variant:
-    if isinstance(entry, AxisValue):
-        return _Variant({name: _text(entry.value)}, [(entry.render.set_fields(), (*path, "render"))])
-    return _Variant({name: _text(entry)})
-
-
-def _rows_group(mf: ManifestFile) -> list[_Variant]:
-    rows = mf.manifest.rows
-    spec = rows.path if isinstance(rows, RowsSource) else rows
-    field_path = ("rows", "path") if isinstance(rows, RowsSource) else ("rows",)
-    path = Path(spec).expanduser()
-    if not path.is_absolute():
-        path = mf.path.resolve().parent / path
-    if not path.is_file():
-        raise mf.error(f"rows file {path} does not exist", *field_path,
-                       hint="give a CSV or Parquet file path relative to the manifest")
-    if path.suffix.lower() == ".parquet":
-        records, first_line = _read_parquet_rows(path, mf, field_path), 0
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        records, first_line = _read_csv_rows(path, mf, field_path), 2
-    else:
-        raise mf.error(f"rows file {path.name} is neither .csv nor .parquet", *field_path,
-                       hint="convert it to CSV or Parquet")
-    if not records:
-        raise mf.error(f"rows file {path} has no rows", *field_path, hint="add rows or remove rows:")
-    variants = []
-    for i, record in enumerate(records):
-        line = first_line + i if first_line else None
-        label = f"row {i + 1}" if line is None else "row"
-        variants.append(_row_variant(record, Where(str(path), line, label)))
-    return variants
-
-
-def _read_csv_rows(path: Path, mf: ManifestFile, field_path: tuple) -> list[dict[str, str]]:
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            records = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise mf.error(f"cannot read rows file {path}: {exc}", *field_path) from None
-    if reader.fieldnames is None:
-        raise mf.error(f"rows file {path} has no header row", *field_path, hint="add column names")
-    for n, record in enumerate(records):
-        if None in record:
-            raise ManifestError("this row has more cells than the header has columns", file=str(path),
-                                line=n + 2, hint="quote cells that contain the delimiter")
-    return records
-
-
-def _read_parquet_rows(path: Path, mf: ManifestFile, field_path: tuple) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise mf.error(f"cannot read rows file {path}: {exc}", *field_path) from None
-
-
-def _row_variant(record: dict[str, Any], where: Where) -> _Variant:
-    values: dict[str, str] = {}
-    overrides: dict[str, Any] = {}
-    variant = _Variant()
-    for column, raw in record.items():
-        column = str(column).strip()
-        cell = raw.strip() if isinstance(raw, str) else raw
-        if column in RENDER_FIELDS:
-            if cell in ("", None):
-                continue
-            try:
-                overrides.update(RenderOverrides.model_validate({column: cell}).set_fields())
-            except ValidationError as exc:
-                msg = exc.errors()[0]["msg"]
-                raise _error_at(Where(where.file, where.line, f"{where.field} column {column}"),
-                                f"{cell!r}: {msg[0].lower()}{msg[1:]}") from None
-        elif column == "seed":
-            if cell in ("", None):
-                continue
-            try:
-                variant.seed = int(cell)
-                if not 0 <= variant.seed <= SEED_MAX:
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise _error_at(Where(where.file, where.line, f"{where.field} column seed"),
-                                f"{cell!r} is not a seed", "use a whole number ≥ 0") from None
-        elif column == "prompt":
-            if cell not in ("", None):
-                variant.prompt, variant.prompt_where = str(cell), where
-        else:
-            if not column.isidentifier():
-                raise _error_at(where, f"column {column!r} cannot be a placeholder",
-                                "rename it with letters, digits and '_'")
-            values[column] = "" if cell is None else _text(cell)
-    variant.values = values
-    variant.overrides = [(overrides, where)] if overrides else []
-    return variant
-
-
-def _placeholders(template: str) -> list[str]:
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"bad template: {exc}") from None
-    names = []
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
-            raise ValueError(f"placeholder {{{name}}} must be a plain name like {{product}}")
-        names.append(name)
-    return names
-
-
-@functools.cache
-def _template_names_cached(template: str) -> tuple[str, ...]:
-    return tuple(_placeholders(template))
-
-
-def _template_names(template: str, where: Where) -> tuple[str, ...]:
-    try:
-        return _template_names_cached(template)
-    except ValueError as exc:
-        raise _error_at(where, str(exc), "write literal braces as {{ and }}") from None
-
-
-def _check_placeholders(mf: ManifestFile, template: str, known: set[str], path: tuple) -> None:
-    try:
-        names = _placeholders(template)
-    except ValueError as exc:
-        raise mf.error(str(exc), *path, hint="write literal braces as {{ and }}") from None
-    for name in names:
-        if name not in known:
-            raise mf.error(
-                f"placeholder {{{name}}} has no axis",
-                *path,
-                hint=f"add axes: {name}: [...] (or a column/var named {name}), or remove {{{name}}}",
-            )
-    neg = mf.manifest.render.negative_prompt
-    if neg and path == ("prompt",):
-        try:
-            for name in _placeholders(neg):
-                if name not in known:
-                    raise mf.error(f"placeholder {{{name}}} has no axis", "render", "negative_prompt",
-                                   hint=f"add axes: {name}: [...] or remove {{{name}}}")
-        except ValueError as exc:
-            raise mf.error(str(exc), "render", "negative_prompt") from None
-
-
-def _fill(template: str, values: dict[str, str]) -> str:
-    out = []
-    for literal, name, _, _ in string.Formatter().parse(template):
-        out.append(literal)
-        if name is not None:
-            out.append(values.get(name, ""))
-    return "".join(out)
-
-
-def _layer_settings(
-    base: RenderSettings, layers: list[tuple[dict[str, Any], tuple | Where]], mf: ManifestFile
-) -> tuple[RenderSettings, dict[str, tuple | Where]]:
-    merged = dict(base.__dict__)
-    provenance: dict[str, tuple | Where] = {name: ("model",) for name in RENDER_FIELDS}
-    for overrides, origin in layers:
-        for name, value in overrides.items():
-            merged[name] = value
-            provenance[name] = (*origin, name) if isinstance(origin, tuple) else Where(
-                origin.file, origin.line, f"{origin.field} column {name}")
-    return RenderSettings(**merged), provenance
+    return ManifestError(message, file=file, line=_line_of(lines, path), field=_field_name(path) or None, hint=hint)

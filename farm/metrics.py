@@ -22,13 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from farm.task import AttemptStatus
 
 log = logging.getLogger("farm.metrics")
 
 RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before each application metric
-FINISHED_JOB_TTL_S = 3600.0  # a finished job's series stay this long, so dashboards show how it ended
 
 ATTEMPT_STATUSES = tuple(status.value for status in AttemptStatus)
 TASK_STATES = ("queued", "running", "succeeded", "failed", "waiting_for_pool")
@@ -56,62 +56,155 @@ class MetricSpec:
 
 
 # ---------------------------------------------------------------- controller metrics
-JOB_INFO = MetricSpec("farm_job_info", "gauge", "1 for each job the controller knows, with its campaign, model, "
-                      "priority and state", ("job_id", "campaign", "model", "priority", "state"), "controller")
+JOB_INFO = MetricSpec(
+    "farm_job_info",
+    "gauge",
+    "1 for each job the controller knows, with its campaign, model, priority and state",
+    ("job_id", "campaign", "model", "priority", "state"),
+    "controller",
+)
 JOB_TASKS = MetricSpec("farm_job_tasks", "gauge", "Tasks of a job by state", ("job_id", "state"), "controller")
-JOB_PROGRESS = MetricSpec("farm_job_progress_ratio", "gauge", "Finished tasks (succeeded or failed) / all tasks",
-                          ("job_id",), "controller")
-JOB_ETA = MetricSpec("farm_job_eta_seconds", "gauge", "Estimated seconds until the job finishes, at its rate so far",
-                     ("job_id",), "controller")
-JOB_DEADLINE = MetricSpec("farm_job_deadline_seconds", "gauge",
-                          "Seconds left until the job's deadline (negative once passed); jobs with a deadline only",
-                          ("job_id",), "controller")
-QUEUE_DEPTH = MetricSpec("farm_queue_depth_tasks", "gauge", "Tasks waiting for a renderer, per job and priority",
-                         ("job_id", "priority"), "controller")
-JOB_ATTEMPTS = MetricSpec("farm_job_attempts_total", "counter", "Attempts of a job by outcome", ("job_id", "status"),
-                          "controller")
-ATTEMPTS = MetricSpec("farm_attempts_total", "counter", "Attempts by pool, model and outcome",
-                      ("pool", "model", "status"), "controller")
-FAILURES = MetricSpec("farm_attempt_failures_total", "counter", "Failed attempts by pool, model and reason",
-                      ("pool", "model", "reason"), "controller")
-RETRIES = MetricSpec("farm_retries_total", "counter", "Failed attempts that will be retried", ("pool", "model"),
-                     "controller")
-RENDERERS = MetricSpec("farm_renderers", "gauge", "Renderer actors by pool and state (busy, idle, loading)",
-                       ("pool", "gpu_type", "state"), "controller")
-POOL_SLOTS = MetricSpec("farm_pool_slots", "gauge", "Renderer slots the pool's alive nodes offer",
-                        ("pool", "gpu_type"), "controller")
+JOB_PROGRESS = MetricSpec(
+    "farm_job_progress_ratio", "gauge", "Finished tasks (succeeded or failed) / all tasks", ("job_id",), "controller"
+)
+JOB_ETA = MetricSpec(
+    "farm_job_eta_seconds",
+    "gauge",
+    "Estimated seconds until the job finishes, at its rate so far",
+    ("job_id",),
+    "controller",
+)
+JOB_DEADLINE = MetricSpec(
+    "farm_job_deadline_seconds",
+    "gauge",
+    "Seconds left until the job's deadline (negative once passed); jobs with a deadline only",
+    ("job_id",),
+    "controller",
+)
+QUEUE_DEPTH = MetricSpec(
+    "farm_queue_depth_tasks",
+    "gauge",
+    "Tasks waiting for a renderer, per job and priority",
+    ("job_id", "priority"),
+    "controller",
+)
+JOB_ATTEMPTS = MetricSpec(
+    "farm_job_attempts_total", "counter", "Attempts of a job by outcome", ("job_id", "status"), "controller"
+)
+ATTEMPTS = MetricSpec(
+    "farm_attempts_total", "counter", "Attempts by pool, model and outcome", ("pool", "model", "status"), "controller"
+)
+FAILURES = MetricSpec(
+    "farm_attempt_failures_total",
+    "counter",
+    "Failed attempts by pool, model and reason",
+    ("pool", "model", "reason"),
+    "controller",
+)
+RETRIES = MetricSpec(
+    "farm_retries_total", "counter", "Failed attempts that will be retried", ("pool", "model"), "controller"
+)
+RENDERERS = MetricSpec(
+    "farm_renderers",
+    "gauge",
+    "Renderer actors by pool and state (busy, idle, loading)",
+    ("pool", "gpu_type", "state"),
+    "controller",
+)
+POOL_SLOTS = MetricSpec(
+    "farm_pool_slots", "gauge", "Renderer slots the pool's alive nodes offer", ("pool", "gpu_type"), "controller"
+)
 POOL_VRAM = MetricSpec("farm_pool_vram_bytes", "gauge", "GPU memory of each GPU in the pool", ("pool",), "controller")
-POOL_COST_RATE = MetricSpec("farm_pool_cost_dollars_per_hour", "gauge",
-                            "Estimated cost of the pool's slots an hour, from its nodes' stated cost per hour",
-                            ("pool",), "controller")
-POOL_COST = MetricSpec("farm_pool_cost_dollars_total", "counter",
-                       "Estimated dollars the pool's slots have cost since the controller started", ("pool",),
-                       "controller")
-POOL_NODES = MetricSpec("farm_pool_nodes", "gauge", "Alive nodes offering the pool", ("pool", "gpu_type"),
-                        "controller")
-POOL_TARGET_NODES = MetricSpec("farm_pool_target_nodes", "gauge",
-                               "Nodes the controller asks Ray's autoscaler for, per pool it can launch",
-                               ("pool",), "controller")
-MODEL_LOADS = MetricSpec("farm_model_loads_total", "counter", "Models loaded into renderers", ("pool", "model"),
-                         "controller")
+POOL_COST_RATE = MetricSpec(
+    "farm_pool_cost_dollars_per_hour",
+    "gauge",
+    "Estimated cost of the pool's slots an hour, from its nodes' stated cost per hour",
+    ("pool",),
+    "controller",
+)
+POOL_COST = MetricSpec(
+    "farm_pool_cost_dollars_total",
+    "counter",
+    "Estimated dollars the pool's slots have cost since the controller started",
+    ("pool",),
+    "controller",
+)
+POOL_NODES = MetricSpec("farm_pool_nodes", "gauge", "Alive nodes offering the pool", ("pool", "gpu_type"), "controller")
+POOL_TARGET_NODES = MetricSpec(
+    "farm_pool_target_nodes",
+    "gauge",
+    "Nodes the controller asks Ray's autoscaler for, per pool it can launch",
+    ("pool",),
+    "controller",
+)
+MODEL_LOADS = MetricSpec(
+    "farm_model_loads_total", "counter", "Models loaded into renderers", ("pool", "model"), "controller"
+)
 
 # ---------------------------------------------------------------- renderer metrics (through Ray)
-RENDER_SECONDS = MetricSpec("farm_render_seconds", "histogram", "Seconds the pipeline took to generate a clip",
-                            ("pool", "model"), "renderer", _SECONDS_BUCKETS)
-ENCODE_SECONDS = MetricSpec("farm_encode_seconds", "histogram", "Seconds to encode a clip and its poster",
-                            ("pool", "model"), "renderer", _SECONDS_BUCKETS)
-WRITE_SECONDS = MetricSpec("farm_write_seconds", "histogram", "Seconds to store a clip, its poster and marker",
-                           ("pool", "model"), "renderer", _SECONDS_BUCKETS)
-MODEL_LOAD_SECONDS = MetricSpec("farm_model_load_seconds", "histogram", "Seconds a renderer took to load its model",
-                                ("pool", "model"), "renderer", _SECONDS_BUCKETS)
+RENDER_SECONDS = MetricSpec(
+    "farm_render_seconds",
+    "histogram",
+    "Seconds the pipeline took to generate a clip",
+    ("pool", "model"),
+    "renderer",
+    _SECONDS_BUCKETS,
+)
+ENCODE_SECONDS = MetricSpec(
+    "farm_encode_seconds",
+    "histogram",
+    "Seconds to encode a clip and its poster",
+    ("pool", "model"),
+    "renderer",
+    _SECONDS_BUCKETS,
+)
+WRITE_SECONDS = MetricSpec(
+    "farm_write_seconds",
+    "histogram",
+    "Seconds to store a clip, its poster and marker",
+    ("pool", "model"),
+    "renderer",
+    _SECONDS_BUCKETS,
+)
+MODEL_LOAD_SECONDS = MetricSpec(
+    "farm_model_load_seconds",
+    "histogram",
+    "Seconds a renderer took to load its model",
+    ("pool", "model"),
+    "renderer",
+    _SECONDS_BUCKETS,
+)
 FRAMES = MetricSpec("farm_frames_total", "counter", "Frames of finished clips", ("pool", "model"), "renderer")
-VIDEO_SECONDS = MetricSpec("farm_video_seconds_total", "counter", "Seconds of video in finished clips",
-                           ("pool", "model"), "renderer")
+VIDEO_SECONDS = MetricSpec(
+    "farm_video_seconds_total", "counter", "Seconds of video in finished clips", ("pool", "model"), "renderer"
+)
 
-ALL_METRICS = (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA, JOB_DEADLINE, QUEUE_DEPTH, JOB_ATTEMPTS, ATTEMPTS,
-               FAILURES, RETRIES, RENDERERS, POOL_SLOTS, POOL_NODES, POOL_TARGET_NODES, POOL_VRAM, POOL_COST_RATE,
-               POOL_COST, MODEL_LOADS,
-               RENDER_SECONDS, ENCODE_SECONDS, WRITE_SECONDS, MODEL_LOAD_SECONDS, FRAMES, VIDEO_SECONDS)
+ALL_METRICS = (
+    JOB_INFO,
+    JOB_TASKS,
+    JOB_PROGRESS,
+    JOB_ETA,
+    JOB_DEADLINE,
+    QUEUE_DEPTH,
+    JOB_ATTEMPTS,
+    ATTEMPTS,
+    FAILURES,
+    RETRIES,
+    RENDERERS,
+    POOL_SLOTS,
+    POOL_NODES,
+    POOL_TARGET_NODES,
+    POOL_VRAM,
+    POOL_COST_RATE,
+    POOL_COST,
+    MODEL_LOADS,
+    RENDER_SECONDS,
+    ENCODE_SECONDS,
+    WRITE_SECONDS,
+    MODEL_LOAD_SECONDS,
+    FRAMES,
+    VIDEO_SECONDS,
+)
 
 
 # ---------------------------------------------------------------- what the controller hands over
@@ -188,10 +281,11 @@ class ControllerMetrics:
         self.model_loads = counter(MODEL_LOADS)
         self.registry.register(_SnapshotCollector(self))
         self.address: str | None = None
-        self._server = None
+        self._server: Any = None
 
-    def record_attempt(self, job_id: str, pool: str, model: str, status: str, failure_reason: str = "",
-                       retried: bool = False) -> None:
+    def record_attempt(
+        self, job_id: str, pool: str, model: str, status: str, failure_reason: str = "", retried: bool = False
+    ) -> None:
         pool = pool or NO_POOL
         self.job_attempts.labels(job_id, status).inc()
         self.attempts.labels(pool, model, status).inc()
@@ -260,8 +354,9 @@ class _SnapshotCollector:
         def gauge(spec: MetricSpec) -> GaugeMetricFamily:
             return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
 
-        info, tasks, progress, eta, deadline, queue = (gauge(s) for s in (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA,
-                                                                           JOB_DEADLINE, QUEUE_DEPTH))
+        info, tasks, progress, eta, deadline, queue = (
+            gauge(s) for s in (JOB_INFO, JOB_TASKS, JOB_PROGRESS, JOB_ETA, JOB_DEADLINE, QUEUE_DEPTH)
+        )
         for job in snap.jobs:
             info.add_metric([job.job_id, job.campaign, job.model, str(job.priority), job.state], 1)
             for state in TASK_STATES:
@@ -274,8 +369,9 @@ class _SnapshotCollector:
             queue.add_metric([job.job_id, str(job.priority)], job.tasks.get("queued", 0))
         yield from (info, tasks, progress, eta, deadline, queue)
 
-        renderers, slots, nodes, target, vram, rate = (gauge(s) for s in (
-            RENDERERS, POOL_SLOTS, POOL_NODES, POOL_TARGET_NODES, POOL_VRAM, POOL_COST_RATE))
+        renderers, slots, nodes, target, vram, rate = (
+            gauge(s) for s in (RENDERERS, POOL_SLOTS, POOL_NODES, POOL_TARGET_NODES, POOL_VRAM, POOL_COST_RATE)
+        )
         rates = {}
         for pool in snap.pools:
             for state in RENDERER_STATES:
@@ -289,8 +385,8 @@ class _SnapshotCollector:
             rates[pool.pool] = pool.slots * pool.cost_per_hour
             rate.add_metric([pool.pool], rates[pool.pool])
         cost = CounterMetricFamily(POOL_COST.name, POOL_COST.help, labels=POOL_COST.labels)
-        for pool, total in sorted(self.metrics._cost_totals(rates).items()):
-            cost.add_metric([pool], total)
+        for pool_name, total in sorted(self.metrics._cost_totals(rates).items()):
+            cost.add_metric([pool_name], total)
         yield from (renderers, slots, nodes, target, vram, rate, cost)
 
 
@@ -327,7 +423,8 @@ class RendererMetrics:
             return Counter(spec.name, spec.help, tag_keys=spec.labels)
 
         self._render, self._encode, self._write, self._load = (
-            histogram(s) for s in (RENDER_SECONDS, ENCODE_SECONDS, WRITE_SECONDS, MODEL_LOAD_SECONDS))
+            histogram(s) for s in (RENDER_SECONDS, ENCODE_SECONDS, WRITE_SECONDS, MODEL_LOAD_SECONDS)
+        )
         self._frames, self._video_seconds = counter(FRAMES), counter(VIDEO_SECONDS)
 
     def model_loaded(self, seconds: float) -> None:

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from farm import config
 from farm.config import farm_home, metrics_address
 from farm.errors import FarmError
 
@@ -44,15 +45,17 @@ class Service:
 
 def deploy_dir() -> Path:
     """The deploy/ folder: FARM_DEPLOY_DIR, else the checkout farm runs from."""
-    path = Path(os.environ.get("FARM_DEPLOY_DIR") or REPO_ROOT / "deploy")
+    path = config.deploy_dir(REPO_ROOT / "deploy")
     if not (path / "prometheus" / "prometheus.yml").is_file():
-        raise MonitorError(f"no deploy/prometheus/prometheus.yml under {path}",
-                           hint="run farm from its repository checkout, or set FARM_DEPLOY_DIR to its deploy/ folder")
+        raise MonitorError(
+            f"no deploy/prometheus/prometheus.yml under {path}",
+            hint="run farm from its repository checkout, or set FARM_DEPLOY_DIR to its deploy/ folder",
+        )
     return path
 
 
 def dashboards_dir() -> Path:
-    return Path(os.environ.get("FARM_DASHBOARDS_DIR") or deploy_dir().parent / "dashboards")
+    return config.dashboards_dir(deploy_dir().parent / "dashboards")
 
 
 def monitor_dir() -> Path:
@@ -100,8 +103,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, name: str) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise MonitorError(f"{name} exited at start: {tail[0] if tail else 'no output'}",
-                               hint=f"see {log}; is the port taken? choose another with --{name}-port")
+            raise MonitorError(
+                f"{name} exited at start: {tail[0] if tail else 'no output'}",
+                hint=f"see {log}; is the port taken? choose another with --{name}-port",
+            )
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
             if response.status == 200:
                 return
@@ -117,8 +122,15 @@ def _start(name: str, argv: list[str], ready_url: str, env: dict | None = None) 
     if pid:
         return Service(name, ready_url.rsplit("/", 2)[0], pid, True, str(log), "already running")
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})}, cwd=base)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            cwd=base,
+        )
     pid_file.write_text(str(proc.pid))
     try:
         _wait_ready(ready_url, proc, log, name)
@@ -141,18 +153,31 @@ def up(
 
     prometheus = shutil.which("prometheus")
     if not prometheus:
-        raise MonitorError("prometheus is not installed", hint="install it (Debian/Ubuntu: apt-get install "
-                           "prometheus) or download it from prometheus.io, then run farm monitor up again")
+        raise MonitorError(
+            "prometheus is not installed",
+            hint="install it (Debian/Ubuntu: apt-get install "
+            "prometheus) or download it from prometheus.io, then run farm monitor up again",
+        )
     base = monitor_dir()
     base.mkdir(parents=True, exist_ok=True)
     target = _scrape_target(farm_metrics or metrics_address() or "127.0.0.1:9400")
     config_path = base / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(prometheus_config(target, service_discovery_file, scrape_interval),
-                                          sort_keys=False))
-    services = [_start("prometheus", [
-        prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={base / 'prometheus-data'}",
-        f"--web.listen-address=127.0.0.1:{prometheus_port}", "--storage.tsdb.retention.time=15d",
-    ], f"http://127.0.0.1:{prometheus_port}/-/ready")]
+    config_path.write_text(
+        yaml.safe_dump(prometheus_config(target, service_discovery_file, scrape_interval), sort_keys=False)
+    )
+    services = [
+        _start(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={base / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                "--storage.tsdb.retention.time=15d",
+            ],
+            f"http://127.0.0.1:{prometheus_port}/-/ready",
+        )
+    ]
     services.append(_start_grafana(grafana_port, f"http://127.0.0.1:{prometheus_port}"))
     return services
 
@@ -161,10 +186,23 @@ def _start_grafana(port: int, prometheus_url: str) -> Service:
     binary = shutil.which("grafana") or shutil.which("grafana-server")
     url = f"http://127.0.0.1:{port}"
     if not binary:
-        return Service("grafana", url, None, False, "", "not installed: install Grafana (grafana.com/grafana/"
-                       "download) and run farm monitor up again, or import dashboards/*.json into yours")
-    home = next((p for p in ("/usr/share/grafana", "/usr/local/share/grafana", Path(binary).resolve().parents[1])
-                 if (Path(p) / "conf" / "defaults.ini").is_file()), None)
+        return Service(
+            "grafana",
+            url,
+            None,
+            False,
+            "",
+            "not installed: install Grafana (grafana.com/grafana/"
+            "download) and run farm monitor up again, or import dashboards/*.json into yours",
+        )
+    home = next(
+        (
+            p
+            for p in ("/usr/share/grafana", "/usr/local/share/grafana", Path(binary).resolve().parents[1])
+            if (Path(p) / "conf" / "defaults.ini").is_file()
+        ),
+        None,
+    )
     if home is None:
         return Service("grafana", url, None, False, "", f"found {binary} but not its home (conf/defaults.ini)")
     base = monitor_dir()
@@ -173,12 +211,20 @@ def _start_grafana(port: int, prometheus_url: str) -> Service:
         "[server]\nhttp_addr = 127.0.0.1\nhttp_port = {port}\n"
         "[paths]\ndata = {data}\nlogs = {logs}\nprovisioning = {prov}\n"
         "[analytics]\nreporting_enabled = false\ncheck_for_updates = false\n".format(
-            port=port, data=base / "grafana-data", logs=base / "grafana-logs",
-            prov=deploy_dir() / "grafana" / "provisioning"))
+            port=port,
+            data=base / "grafana-data",
+            logs=base / "grafana-logs",
+            prov=deploy_dir() / "grafana" / "provisioning",
+        )
+    )
     argv = [binary, "server"] if Path(binary).name == "grafana" else [binary]
     argv += [f"--homepath={home}", f"--config={ini}"]
-    return _start("grafana", argv, f"{url}/api/health",
-                  env={"FARM_PROMETHEUS_URL": prometheus_url, "FARM_DASHBOARDS_DIR": str(dashboards_dir())})
+    return _start(
+        "grafana",
+        argv,
+        f"{url}/api/health",
+        env={"FARM_PROMETHEUS_URL": prometheus_url, "FARM_DASHBOARDS_DIR": str(dashboards_dir())},
+    )
 
 
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:

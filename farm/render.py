@@ -13,12 +13,14 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from farm import faults
 from farm.errors import FarmError
 from farm.metrics import RendererMetrics
 from farm.models import load_pipeline
 from farm.storage import OutputTarget, Sink, open_sink
-from farm.task import AttemptStatus, ModelRef, Result, Task, Timings
+from farm.task import AttemptStatus, FailureKind, ModelKind, ModelRef, Result, Task, Timings
 from farm.video import encode_mp4, write_poster
 
 # Pipelines loaded in this process: a renderer loads exactly one, whatever it renders.
@@ -35,33 +37,6 @@ class RendererInfo:
     pipeline_loads: int
     pid: int
     load_error: str = ""  # why the model did not load; the renderer is then useless
-
-
-@dataclass(frozen=True)
-class TestFaults:
-    """Test-only fault injection: attempts of tasks whose prompt contains ``prompt_contains``
-    misbehave while their attempt number is ≤ ``fail_attempts``: ``action`` "raise" fails the
-    attempt, "exit" kills the renderer process, "hang" sleeps ``hang_s`` then fails (for
-    timeouts), "slow" sleeps ``hang_s`` then renders normally. Set by
-    tests (or the FARM_TEST_FAULTS environment variable, a JSON object of these fields); never by
-    manifests."""
-
-    __test__ = False  # not a pytest test class
-
-    prompt_contains: str
-    fail_attempts: int = 1_000_000
-    action: str = "raise"
-    hang_s: float = 3600.0
-
-    def apply(self, task: Task, attempt: int) -> None:
-        if self.prompt_contains not in task.prompt or attempt > self.fail_attempts:
-            return
-        if self.action == "exit":
-            os._exit(17)  # a renderer dying mid-task, as on OOM or node loss
-        if self.action in ("hang", "slow"):
-            time.sleep(self.hang_s)
-        if self.action != "slow":
-            raise RuntimeError(f"injected test fault (attempt {attempt})")
 
 
 def _ray_ids() -> tuple[str, str]:
@@ -85,7 +60,7 @@ class Renderer:
         pool: str = "",
     ) -> None:
         global _PIPELINE_LOADS
-        if model.kind == "fake":
+        if model.kind is ModelKind.FAKE:
             self.device = "cpu"
         else:
             import torch
@@ -96,7 +71,7 @@ class Renderer:
         self.model = model
         self.actor_id, self.node_id = _ray_ids()
         self._sinks: dict[OutputTarget, Sink] = {}
-        self.pipeline = None
+        self.pipeline: Any = None
         self.load_error = ""
         started = time.perf_counter()
         try:
@@ -110,34 +85,46 @@ class Renderer:
             self.metrics.model_loaded(self.load_seconds)
 
     def info(self) -> RendererInfo:
-        return RendererInfo(self.actor_id, self.node_id, self.device, self.model.identity, self.load_seconds,
-                            _PIPELINE_LOADS, os.getpid(), self.load_error)
+        return RendererInfo(
+            self.actor_id,
+            self.node_id,
+            self.device,
+            self.model.identity,
+            self.load_seconds,
+            _PIPELINE_LOADS,
+            os.getpid(),
+            self.load_error,
+        )
 
-    def render(self, task: Task, attempt: int, output: OutputTarget, test_faults: TestFaults | None = None) -> Result:
+    def render(self, task: Task, attempt: int, output: OutputTarget) -> Result:
         """Render one attempt. Never raises for a task's own failure: the error goes in the Result."""
         started = time.time()
-        base = {"task_id": task.task_id, "attempt": attempt, "node_id": self.node_id, "actor_id": self.actor_id,
-                "started_at": started}
-        stage = "render"  # which stage a failure belongs to (a bounded metric label)
+        base: dict[str, Any] = {
+            "task_id": task.task_id,
+            "attempt": attempt,
+            "node_id": self.node_id,
+            "actor_id": self.actor_id,
+            "started_at": started,
+        }
+        stage = FailureKind.RENDER  # which stage a failure belongs to
         try:
             if self.pipeline is None:
                 raise RuntimeError(f"model not loaded: {self.load_error}")
             if task.model.identity != self.model.identity:
                 raise ValueError(f"task wants model {task.model.spec}, this renderer holds {self.model.spec}")
-            if test_faults:
-                test_faults.apply(task, attempt)
+            faults.inject(task, attempt)  # test-only; nothing unless FARM_TEST_FAULTS is set
             t0 = time.perf_counter()
             frames = self._generate(task)
             t1 = time.perf_counter()
-            stage = "storage"
+            stage = FailureKind.STORAGE
             sink = self._sink(output)
             with tempfile.TemporaryDirectory(prefix="farm-render-") as tmp:
                 video_path, poster_path = Path(tmp) / "clip.mp4", Path(tmp) / "poster.jpg"
-                stage = "encode"
+                stage = FailureKind.ENCODE
                 encode_mp4(frames, task.settings.fps, video_path)
                 write_poster(frames, poster_path)
                 t2 = time.perf_counter()
-                stage = "storage"
+                stage = FailureKind.STORAGE
                 video = sink.put_file(video_path, f"{task.task_id}.mp4")
                 poster = sink.put_file(poster_path, f"{task.task_id}.jpg")
             t3 = time.perf_counter()
@@ -154,12 +141,18 @@ class Renderer:
             sink.put_json(result_record(result), f"{task.task_id}.json")  # the commit marker, last
             # The marker is part of writing the clip: count it (the marker itself can't hold its own time).
             result = replace(result, timings=replace(result.timings, write_s=time.perf_counter() - t2))
-            self.metrics.clip_made(result.timings.generate_s, result.timings.encode_s, result.timings.write_s,
-                                   len(frames), task.settings.fps)
+            self.metrics.clip_made(
+                result.timings.generate_s,
+                result.timings.encode_s,
+                result.timings.write_s,
+                len(frames),
+                task.settings.fps,
+            )
             return result
         except Exception as exc:  # a task's failure is data for the catalog, not a crash of the renderer
-            return Result(**base, status=AttemptStatus.FAILED, error=_one_line(exc), finished_at=time.time(),
-                          error_kind=stage)
+            return Result(
+                **base, status=AttemptStatus.FAILED, error=_one_line(exc), finished_at=time.time(), error_kind=stage
+            )
 
     def _sink(self, output: OutputTarget) -> Sink:
         if output not in self._sinks:
@@ -168,7 +161,7 @@ class Renderer:
 
     def _generate(self, task: Task):
         s = task.settings
-        if task.model.kind == "fake":
+        if task.model.kind is ModelKind.FAKE:
             return self.pipeline(num_frames=s.frames, height=s.height, width=s.width).frames[0]
         import torch
 
@@ -206,4 +199,5 @@ def result_from_record(record: dict) -> Result:
     fields = dict(record)
     fields["status"] = AttemptStatus(fields["status"])
     fields["timings"] = Timings(**fields["timings"])
+    fields["error_kind"] = FailureKind(fields["error_kind"]) if fields.get("error_kind") else None
     return Result(**fields)

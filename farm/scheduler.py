@@ -5,7 +5,7 @@ Pure: no Ray, no I/O, an injectable clock. The controller feeds it events (pools
 and go, jobs arrive, attempts finish) and carries out what it returns.
 
 Policy, in order:
-- a job's tasks run only on slots of pools that fit them (pool name, GPU type, VRAM);
+- a job's tasks run only on slots of pools that fit them (pool name, GPU type, VRAM: farm/routing.py);
 - free slots are filled cheapest pool first;
 - the job with the highest priority goes first; jobs of equal priority share the slots by
   in-flight count (fewest in flight first), so a small job is never starved behind a big one;
@@ -25,12 +25,17 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
-from farm.config import IN_FLIGHT_PER_RENDERER, RETRY_BACKOFF_BASE_S, RETRY_BACKOFF_MAX_S
+from farm.config import (
+    BAD_SLOT_LIMIT,
+    IN_FLIGHT_PER_RENDERER,
+    MAX_INTERRUPTIONS,
+    RETRY_BACKOFF_BASE_S,
+    RETRY_BACKOFF_MAX_S,
+)
+from farm.routing import fitting_pools
 from farm.task import Pool, Requirements, Task
-
-DEFAULT_MAX_INTERRUPTIONS = 3
-DEFAULT_BAD_SLOT_LIMIT = 3
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,15 @@ class Decision:
         return self.outcome in (Outcome.DONE, Outcome.FAILED, Outcome.DROPPED)
 
 
+class Demand(NamedTuple):
+    """Queued work of one job, as the fleet sizes renderers for it."""
+
+    model: str  # the model identity its tasks need; "" = any renderer
+    priority: int
+    needs: list[Requirements]  # the requirement groups of its queued tasks
+    queued: int  # tasks ready to dispatch (not waiting out a retry backoff)
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff between attempts of one task: base · 2^(attempt-1), capped."""
@@ -74,14 +88,14 @@ class Backoff:
     max_s: float = RETRY_BACKOFF_MAX_S
 
     def delay(self, failed_attempt: int) -> float:
-        return min(self.max_s, self.base_s * 2 ** (failed_attempt - 1))
+        return min(self.max_s, self.base_s * 2.0 ** (failed_attempt - 1))
 
 
 @dataclass(frozen=True)
 class JobLimits:
     max_attempts: int = 3
-    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
-    bad_slot_limit: int = DEFAULT_BAD_SLOT_LIMIT
+    max_interruptions: int = MAX_INTERRUPTIONS
+    bad_slot_limit: int = BAD_SLOT_LIMIT
 
 
 @dataclass(frozen=True)
@@ -107,10 +121,10 @@ class _Job:
     total: int
     model: str = ""  # model identity its tasks need; "" = any renderer
     ready: dict[Requirements, deque[Task]] = field(default_factory=dict)
-    delayed: list = field(default_factory=list)  # heap of (due, tiebreak, task)
-    attempts: Counter = field(default_factory=Counter)
-    interruptions: Counter = field(default_factory=Counter)
-    slot_failures: Counter = field(default_factory=Counter)
+    delayed: list[tuple[float, int, Task]] = field(default_factory=list)  # a heap: (due, tiebreak, task)
+    attempts: Counter[str] = field(default_factory=Counter)
+    interruptions: Counter[str] = field(default_factory=Counter)
+    slot_failures: Counter[str] = field(default_factory=Counter)
     banned_slots: set[str] = field(default_factory=set)
     last_error: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0
@@ -160,8 +174,8 @@ class Scheduler:
         self.pools[pool.name] = pool
 
     def routes(self, needs: Requirements) -> list[Pool]:
-        """Pools that fit, cheapest first."""
-        return sorted((p for p in self.pools.values() if p.fits(needs)), key=lambda p: (p.cost_per_hour, p.name))
+        """Known pools that fit, cheapest first (farm/routing.py)."""
+        return fitting_pools(self.pools.values(), needs)
 
     def add_slot(self, slot: str, pool: str, model: str = "") -> None:
         if pool not in self.pools:
@@ -187,9 +201,15 @@ class Scheduler:
                 job.interruptions[task_id] += 1
             if job.interruptions[task_id] >= job.limits.max_interruptions:
                 job.failed += 1
-                decisions.append(Decision(job_id, task_id, Outcome.FAILED,
-                                          f"{job.interruptions[task_id]} renderers died running it; last: {reason}",
-                                          task=task))
+                decisions.append(
+                    Decision(
+                        job_id,
+                        task_id,
+                        Outcome.FAILED,
+                        f"{job.interruptions[task_id]} renderers died running it; last: {reason}",
+                        task=task,
+                    )
+                )
             else:
                 job.push(task, front=True)
                 decisions.append(Decision(job_id, task_id, Outcome.REQUEUED, reason, task=task))
@@ -229,8 +249,11 @@ class Scheduler:
         self._fail_jobs_with_only_banned_slots()
         out: list[Dispatch] = []
         while True:
-            free = [(self.pools[s.pool].cost_per_hour, len(s.in_flight), name) for name, s in self._slots.items()
-                    if len(s.in_flight) < self.in_flight_per_slot]
+            free = [
+                (self.pools[s.pool].cost_per_hour, len(s.in_flight), name)
+                for name, s in self._slots.items()
+                if len(s.in_flight) < self.in_flight_per_slot
+            ]
             progressed = False
             for _, _, name in sorted(free):
                 dispatch = self._take(name)
@@ -243,9 +266,14 @@ class Scheduler:
     def _take(self, slot_name: str) -> Dispatch | None:
         slot = self._slots[slot_name]
         pool = self.pools[slot.pool]
-        candidates = [j for j in self._jobs.values() if not j.cancelled and slot_name not in j.banned_slots
-                      and (not slot.model or not j.model or slot.model == j.model)
-                      and any(q for needs, q in j.ready.items() if pool.fits(needs))]
+        candidates = [
+            j
+            for j in self._jobs.values()
+            if not j.cancelled
+            and slot_name not in j.banned_slots
+            and (not slot.model or not j.model or slot.model == j.model)
+            and any(q for needs, q in j.ready.items() if pool.fits(needs))
+        ]
         if not candidates:
             return None
         job = min(candidates, key=lambda j: (-j.priority, j.in_flight, j.seq))
@@ -260,17 +288,28 @@ class Scheduler:
         for job in self._jobs.values():
             if job.cancelled or not job.banned_slots or not job.queued():
                 continue
-            fitting = [n for n, s in self._slots.items() if any(self.pools[s.pool].fits(nd) for nd in job.ready)
-                       and (not s.model or not job.model or s.model == job.model)]
+            fitting = [
+                n
+                for n, s in self._slots.items()
+                if any(self.pools[s.pool].fits(nd) for nd in job.ready)
+                and (not s.model or not job.model or s.model == job.model)
+            ]
             if fitting and all(n in job.banned_slots for n in fitting) and job.in_flight == 0:
                 for queue in job.ready.values():
                     for task in queue:
                         job.failed += 1
                         last = job.last_error.get(task.task_id) or next(iter(job.last_error.values()), "")
-                        self.decisions.append(Decision(
-                            job.job_id, task.task_id, Outcome.FAILED,
-                            f"every renderer that fits was taken out of this job after repeated failures; "
-                            f"last: {last}", task=task, attempt=job.attempts[task.task_id]))
+                        self.decisions.append(
+                            Decision(
+                                job.job_id,
+                                task.task_id,
+                                Outcome.FAILED,
+                                f"every renderer that fits was taken out of this job after repeated failures; "
+                                f"last: {last}",
+                                task=task,
+                                attempt=job.attempts[task.task_id],
+                            )
+                        )
                 job.ready.clear()
 
     def drain_decisions(self) -> list[Decision]:
@@ -322,14 +361,14 @@ class Scheduler:
         job = self._jobs[job_id]
         return sum(len(q) for needs, q in job.ready.items() if not any(p.fits(needs) for p in self.pools.values()))
 
-    def demand(self) -> list[tuple[str, int, list[Requirements], int]]:
-        """(model, priority, requirement groups, queued tasks) of every job with queued work: what
-        renderers the controller should have running."""
+    def demand(self) -> list[Demand]:
+        """Every job with queued work, highest priority first: what renderers the fleet should
+        have running."""
         out = []
         for j in sorted(self._jobs.values(), key=lambda j: (-j.priority, j.seq)):
             queued = sum(len(q) for q in j.ready.values())
             if queued and not j.cancelled:
-                out.append((j.model, j.priority, [n for n, q in j.ready.items() if q], queued))
+                out.append(Demand(j.model, j.priority, [n for n, q in j.ready.items() if q], queued))
         return out
 
     def backlog_by_needs(self, in_flight: bool = True) -> Counter[Requirements]:

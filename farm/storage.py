@@ -19,11 +19,19 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
+from farm.config import (
+    S3_CONNECT_TIMEOUT_S,
+    S3_MAX_ATTEMPTS,
+    S3_MULTIPART_CHUNK_MB,
+    S3_MULTIPART_THRESHOLD_MB,
+    S3_READ_TIMEOUT_S,
+)
 from farm.errors import FarmError
+from farm.task import StorageKind, spec
 
 _CHUNK = 1 << 20
 # S3 key characters that are safe everywhere (AWS's "safe characters" list).
@@ -37,23 +45,44 @@ class StorageError(FarmError):
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How to reach an S3-compatible store (MinIO, Ceph, R2, SeaweedFS…). Unset fields fall back to
-    boto3's own configuration (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws/config)."""
+    """How to reach an S3-compatible store (MinIO, Ceph, R2, SeaweedFS…) for ``output: s3://…``:
+    the manifest's ``storage:`` keys are these fields. Unset fields fall back to boto3's own
+    configuration (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws/config). Credentials are
+    never set here: they come from boto3's usual chain (environment, profile, instance role)."""
 
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
-    multipart_threshold_mb: int = 64
-    multipart_chunk_mb: int = 16
-    max_attempts: int = 5  # botocore retries throttling and 5xx with backoff up to this many tries
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
+    multipart_threshold_mb: int = field(default=S3_MULTIPART_THRESHOLD_MB, metadata=spec(ge=5, le=5120))
+    multipart_chunk_mb: int = field(default=S3_MULTIPART_CHUNK_MB, metadata=spec(ge=5, le=5120))
+    max_attempts: int = field(default=S3_MAX_ATTEMPTS, metadata=spec(ge=1, le=20))
+    connect_timeout_s: float = field(default=S3_CONNECT_TIMEOUT_S, metadata=spec(gt=0, le=600))
+    read_timeout_s: float = field(default=S3_READ_TIMEOUT_S, metadata=spec(gt=0, le=3600))
+
+    def to_json(self) -> str:
+        """What the job record keeps: the options that differ from the defaults."""
+        defaults = StorageOptions()
+        return json.dumps(
+            {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> StorageOptions:
+        return cls(**json.loads(text or "{}"))
 
 
 @dataclass(frozen=True)
 class OutputTarget:
+    """Where a job's files go, parsed once from the manifest (or --output): a local directory or
+    ``s3://bucket/prefix``, with the options to reach it."""
+
     uri: str
     options: StorageOptions = StorageOptions()
+
+    @property
+    def kind(self) -> StorageKind:
+        return StorageKind.of(self.uri)
 
 
 @dataclass(frozen=True)
@@ -87,27 +116,32 @@ def sha256_file(path: Path) -> str:
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` → (``bucket``, ``a/b``), refusing anything that could escape the prefix."""
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     if not _BUCKET.match(bucket):
-        raise StorageError(f"{uri}: {bucket!r} is not a valid bucket name",
-                           hint="use 3-63 lower-case letters, digits, '.' or '-'")
+        raise StorageError(
+            f"{uri}: {bucket!r} is not a valid bucket name", hint="use 3-63 lower-case letters, digits, '.' or '-'"
+        )
     parts = [p for p in prefix.split("/") if p != ""] if prefix else []
     if prefix and (prefix.startswith("/") or "//" in prefix):
         raise StorageError(f"{uri}: empty path segment in the prefix", hint="remove the doubled '/'")
     for part in parts:
         if part in (".", ".."):
-            raise StorageError(f"{uri}: '{part}' is not allowed in an output prefix",
-                               hint="write the prefix without '.' or '..' segments")
+            raise StorageError(
+                f"{uri}: '{part}' is not allowed in an output prefix",
+                hint="write the prefix without '.' or '..' segments",
+            )
         if not _SAFE_KEY_PART.match(part):
-            raise StorageError(f"{uri}: {part!r} has characters that are unsafe in object keys",
-                               hint="use letters, digits and !_.*'()- in prefixes")
+            raise StorageError(
+                f"{uri}: {part!r} has characters that are unsafe in object keys",
+                hint="use letters, digits and !_.*'()- in prefixes",
+            )
     return bucket, "/".join(parts)
 
 
 def check_output(uri: str) -> None:
     """Reject outputs farm must not write to, before anything renders."""
-    if uri.startswith("s3://"):
+    if StorageKind.of(uri) is StorageKind.S3:
         split_s3_uri(uri)
     elif "://" in uri:
         raise StorageError(f"output {uri}: unsupported scheme", hint="use a local directory or s3://bucket/prefix")
@@ -219,21 +253,30 @@ class S3Sink:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "?")
-            raise StorageError(f"output {self.uri}: bucket {self.bucket!r} is not accessible ({code})",
-                               field="output", hint="create the bucket or check the credentials' permissions") \
-                from None
+            raise StorageError(
+                f"output {self.uri}: bucket {self.bucket!r} is not accessible ({code})",
+                field="output",
+                hint="create the bucket or check the credentials' permissions",
+            ) from None
         except BotoCoreError as exc:
-            raise StorageError(f"output {self.uri}: cannot reach S3 ({exc})", field="output",
-                               hint="check storage.endpoint_url / AWS_ENDPOINT_URL and that the server runs") \
-                from None
+            raise StorageError(
+                f"output {self.uri}: cannot reach S3 ({exc})",
+                field="output",
+                hint="check storage.endpoint_url / AWS_ENDPOINT_URL and that the server runs",
+            ) from None
 
     def put_file(self, local: Path, name: str) -> StoredObject:
         checksum = sha256_file(local)
         size = local.stat().st_size
         key = self._key(name)
         # upload_file aborts its multipart upload if a part fails, so no partial object stays.
-        self.client.upload_file(str(local), self.bucket, key, Config=self.transfer,
-                                ExtraArgs={"Metadata": {"sha256": checksum}, "ContentType": _content_type(name)})
+        self.client.upload_file(
+            str(local),
+            self.bucket,
+            key,
+            Config=self.transfer,
+            ExtraArgs={"Metadata": {"sha256": checksum}, "ContentType": _content_type(name)},
+        )
         self._verify(key, size, checksum)
         return StoredObject(f"s3://{self.bucket}/{key}", size, checksum)
 
@@ -241,8 +284,9 @@ class S3Sink:
         data = json.dumps(record, sort_keys=True).encode()
         checksum = hashlib.sha256(data).hexdigest()
         key = self._key(name)
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json",
-                               Metadata={"sha256": checksum})
+        self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, ContentType="application/json", Metadata={"sha256": checksum}
+        )
         self._verify(key, len(data), checksum)
         return StoredObject(f"s3://{self.bucket}/{key}", len(data), checksum)
 
@@ -250,8 +294,10 @@ class S3Sink:
         head = self.client.head_object(Bucket=self.bucket, Key=key)
         stored = head.get("Metadata", {}).get("sha256")
         if head.get("ContentLength") != size or stored != checksum:
-            raise StorageError(f"s3://{self.bucket}/{key}: stored object does not match what was uploaded "
-                               f"({head.get('ContentLength')} bytes, sha256 {stored})")
+            raise StorageError(
+                f"s3://{self.bucket}/{key}: stored object does not match what was uploaded "
+                f"({head.get('ContentLength')} bytes, sha256 {stored})"
+            )
 
     def get_json(self, name: str) -> dict | None:
         from botocore.exceptions import ClientError
@@ -284,19 +330,21 @@ class S3Sink:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
             for upload in page.get("Uploads", []) or []:
                 if upload["Key"] in keys:
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
-                                                       UploadId=upload["UploadId"])
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
                     aborted += 1
         return aborted
 
 
 def _content_type(name: str) -> str:
     return {".mp4": "video/mp4", ".jpg": "image/jpeg", ".json": "application/json"}.get(
-        Path(name).suffix, "application/octet-stream")
+        Path(name).suffix, "application/octet-stream"
+    )
 
 
 def open_sink(target: OutputTarget) -> Sink:
     check_output(target.uri)
-    if target.uri.startswith("s3://"):
+    if target.kind is StorageKind.S3:
         return S3Sink(target.uri, target.options)
     return LocalSink(target.uri)

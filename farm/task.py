@@ -1,7 +1,9 @@
-"""The vocabulary every module shares: tasks, render settings, results, statuses.
+"""The vocabulary every module shares: tasks, render settings, results, states and kinds.
 
-Frozen dataclasses so they cross Ray (pickled) cleanly and can be dict keys. This module
-imports nothing of the package.
+Frozen dataclasses so they cross Ray (pickled) cleanly and can be dict keys. States and kinds
+are ``str`` enums owned here. A dataclass field's metadata (``spec(...)``) carries what the
+other layers derive from it: its Arrow column type (``records.py``) and the bounds a manifest
+value must keep (``manifest.py``). This module imports only ``config``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,22 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Any
+
+from farm.config import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_HEIGHT,
+    DEFAULT_STEPS,
+    DEFAULT_WIDTH,
+)
+
+
+def spec(arrow: str | None = None, **bounds: Any) -> dict[str, Any]:
+    """A dataclass field's metadata: its Arrow type (when not plain str/int/float/bool) and the
+    pydantic bounds (gt, ge, le, …) a manifest value for it must keep."""
+    return {"arrow": arrow, "bounds": bounds}
 
 
 class AttemptStatus(StrEnum):
@@ -30,6 +48,72 @@ class TaskStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobEvent(StrEnum):
+    """A job's lifecycle, as events in the catalog (the last one is the job's state)."""
+
+    SUBMITTED = "submitted"  # the client wrote the job and its task list
+    ADMITTED = "admitted"  # a controller took it (detail: that controller's Ray session)
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"  # the job could not run at all (e.g. its model did not load)
+    INTERRUPTED = "interrupted"  # the embedded farm running it stopped before it ended
+
+
+class JobState(StrEnum):
+    """What a job is doing, as progress reports and `farm status` show it."""
+
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def live(self) -> bool:
+        return self in (JobState.RUNNING, JobState.CANCELLING)
+
+
+class FailureKind(StrEnum):
+    """Why an attempt failed (the attempt column ``error_kind``; a bounded metric label)."""
+
+    RENDER = "render"  # the pipeline raised
+    ENCODE = "encode"  # writing the mp4 or poster failed
+    STORAGE = "storage"  # the sink could not store the files
+    TIMEOUT = "timeout"  # ran past the job's timeout_s; its renderer was replaced
+    RENDERER_LOST = "renderer_lost"  # its renderer (process or node) died under it
+    BAD_RENDERER = "bad_renderer"  # the job's renderers kept failing; the scheduler gave up
+    MODEL_LOAD = "model_load"  # the renderer could not load the model
+    OTHER = "other"
+
+
+class ModelKind(StrEnum):
+    """Where a model comes from."""
+
+    BUILTIN = "builtin"  # embedded, built offline by farm (tiny configs, seeded weights)
+    LOCAL = "local"  # a diffusers directory on disk
+    HUB = "hub"  # a Hugging Face hub id, from the local cache
+    FAKE = "fake"  # benchmark-only stand-ins (farm/models/fake.py)
+
+
+class Mode(StrEnum):
+    """What a task generates from."""
+
+    T2V = "t2v"  # text to video
+
+
+class StorageKind(StrEnum):
+    """Where outputs (and the catalog) live: the one place that knows what an s3:// URI is."""
+
+    LOCAL = "local"
+    S3 = "s3"
+
+    @classmethod
+    def of(cls, uri: str) -> StorageKind:
+        return cls.S3 if uri.startswith("s3://") else cls.LOCAL
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model as a manifest names it, resolved to where it loads from.
@@ -39,7 +123,7 @@ class ModelRef:
     """
 
     spec: str
-    kind: str  # "builtin" | "local" | "hub"
+    kind: ModelKind
     location: str
     identity: str
     family: str  # diffusers pipeline class name, e.g. "WanPipeline"
@@ -47,20 +131,24 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class RenderSettings:
-    width: int
-    height: int
-    frames: int
-    fps: int
-    steps: int
-    guidance: float
-    negative_prompt: str = ""
+    """Everything besides prompt, seed and model that changes a clip. Declared once: the manifest's
+    ``render:`` keys, the task list's and attempt rows' columns and the task id derive from it."""
+
+    width: int = field(default=DEFAULT_WIDTH, metadata=spec("int32", gt=0, le=8192))
+    height: int = field(default=DEFAULT_HEIGHT, metadata=spec("int32", gt=0, le=8192))
+    frames: int = field(default=DEFAULT_FRAMES, metadata=spec("int32", gt=0, le=10000))
+    fps: int = field(default=DEFAULT_FPS, metadata=spec("int32", gt=0, le=240))
+    steps: int = field(default=DEFAULT_STEPS, metadata=spec("int32", gt=0, le=1000))
+    guidance: float = field(default=DEFAULT_GUIDANCE, metadata=spec(ge=0, le=100))
+    negative_prompt: str = ""  # may hold {placeholders}, filled per variant
 
 
 @dataclass(frozen=True)
 class Requirements:
-    """What a task needs from a renderer's pool. Empty: any pool."""
+    """What a task needs from a renderer's pool. Empty: any pool. In a manifest every field is
+    optional; without ``min_vram_gb`` farm estimates it from the model and the clip's size."""
 
-    min_vram_gb: float = 0.0
+    min_vram_gb: float = field(default=0.0, metadata=spec(ge=0, le=4096))
     gpu_type: str | None = None
     pool: str | None = None
 
@@ -93,7 +181,7 @@ class Task:
     model: ModelRef
     settings: RenderSettings
     variant: tuple[tuple[str, str], ...] = ()
-    mode: str = "t2v"
+    mode: Mode = Mode.T2V
     source: str = ""  # where in the manifest it came from, for error messages
     needs: Requirements = Requirements()  # routing only: not part of the task id
 
@@ -103,7 +191,7 @@ class Task:
 
 
 def compute_task_id(
-    model_identity: str, mode: str, prompt: str, settings: RenderSettings, seed: int, inputs: tuple = ()
+    model_identity: str, mode: str, prompt: str, settings: RenderSettings, seed: int, inputs: tuple[str, ...] = ()
 ) -> str:
     """A stable hash of everything that changes the pixels (and the file: fps)."""
     payload = {
@@ -143,9 +231,7 @@ class Result:
     error: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
-    # Where a failed attempt failed: render | encode | storage (the renderer's stages), timeout,
-    # renderer_lost, bad_renderer, other. Bounded, so it can be a metric label.
-    error_kind: str = ""
+    error_kind: FailureKind | None = None  # why a failed attempt failed
 
     @property
     def succeeded(self) -> bool:

@@ -63,6 +63,13 @@ def probe(path: Path) -> VideoInfo:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(stream))
         rate = stream.average_rate or stream.guessed_rate or 0
-        duration = float(stream.duration * stream.time_base) if stream.duration else count / float(rate or 1)
-        return VideoInfo(count, stream.codec_context.width, stream.codec_context.height, float(rate),
-                         stream.codec_context.name, duration)
+        time_base = stream.time_base
+        duration = float(stream.duration * time_base) if stream.duration and time_base else count / float(rate or 1)
+        return VideoInfo(
+            count,
+            stream.codec_context.width,
+            stream.codec_context.height,
+            float(rate),
+            stream.codec_context.name,
+            duration,
+        )

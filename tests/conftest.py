@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from farm.faults import Fault, write_faults
+
+# Test-only fault injection (farm/faults.py): every Ray and renderer the tests start inherits this
+# variable, so the faults a test writes reach renderers in any process of any test cluster.
+FAULTS_FILE = Path(tempfile.mkdtemp(prefix="farm-faults-")) / "faults.json"
+os.environ["FARM_TEST_FAULTS"] = str(FAULTS_FILE)
+write_faults(FAULTS_FILE)
+
+
+@pytest.fixture
+def faults():
+    """Set the faults renderers inject for this test (e.g. ``faults(Fault("clip", action="slow",
+    hang_s=0.3))``); none are left for the next test."""
+
+    def set_faults(*chosen: Fault) -> None:
+        write_faults(FAULTS_FILE, *chosen)
+
+    yield set_faults
+    write_faults(FAULTS_FILE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_faults_file():
+    yield
+    shutil.rmtree(FAULTS_FILE.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

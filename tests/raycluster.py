@@ -33,8 +33,14 @@ class RayCliCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="farm-ray-", dir="/tmp")
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    _MARKER: self.cluster_id, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {
+            **os.environ,
+            **(env or {}),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            _MARKER: self.cluster_id,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         self.workers: dict[str, tuple[dict, int]] = {}
 
     def client_env(self, **extra: str) -> dict[str, str]:
@@ -44,13 +50,23 @@ class RayCliCluster:
         return env
 
     def start_head(self, *extra: str) -> None:
-        self._ray_start("head", ["--head", f"--port={self.port}", "--num-cpus=0", f"--temp-dir={self.temp_dir}",
-                                 "--dashboard-host=127.0.0.1", *extra])
+        self._ray_start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                f"--temp-dir={self.temp_dir}",
+                "--dashboard-host=127.0.0.1",
+                *extra,
+            ],
+        )
 
     def add_worker(self, name: str, resources: dict, num_cpus: int) -> None:
         self.workers[name] = (resources, num_cpus)
-        self._ray_start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}",
-                               f"--resources={json.dumps(resources)}"])
+        self._ray_start(
+            name, [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"]
+        )
 
     def restart_worker(self, name: str) -> None:
         resources, num_cpus = self.workers[name]
@@ -74,8 +90,13 @@ class RayCliCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _ray_start(self, node: str, args: list[str]) -> None:
-        result = subprocess.run([RAY, "start", "--disable-usage-stats", *args], env={**self.env, _NODE: node},
-                                capture_output=True, text=True, timeout=180)
+        result = subprocess.run(
+            [RAY, "start", "--disable-usage-stats", *args],
+            env={**self.env, _NODE: node},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"ray start ({node}) failed:\n{result.stdout}\n{result.stderr}")
 

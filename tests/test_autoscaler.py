@@ -31,16 +31,26 @@ def _launcher_config(port: int) -> dict:
         "idle_timeout_minutes": 0.1,  # 6 s: a node without a renderer or request goes quickly
         # As Ray's own fake_multinode example: the provider starts Ray on a node itself, so no
         # SSH updater runs, and a node's id stands for its IP.
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": f"127.0.0.1:{port}",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "auth": {"ssh_user": "ubuntu"},
         "head_node_type": "ray.head.default",  # the name fake_multinode gives the node it runs on
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "burst": {"resources": {"CPU": 1, **BURST}, "node_config": {}, "min_workers": 0, "max_workers": 2},
         },
-        "file_mounts": {}, "cluster_synced_files": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
 
@@ -50,15 +60,17 @@ def autoscaled(ray_session, tmp_path, shared_model_cache):
     if ray_session.is_initialized():  # this test's processes are clients only
         ray_session.shutdown()
     config = tmp_path / "autoscaler.yaml"
-    cluster = RayCliCluster(env={
-        "RAY_FAKE_CLUSTER": "1",
-        "FARM_CATALOG": str(tmp_path / "cluster-catalog"),
-        "FARM_MODELS_DIR": str(shared_model_cache),
-        "FARM_METRICS_ADDRESS": "127.0.0.1:0",
-        "FARM_CLUSTER_CONFIG": str(config),
-        "FARM_AUTOSCALE_INTERVAL_S": "1",
-        "FARM_SCALE_DOWN_IDLE_S": "2",
-    })
+    cluster = RayCliCluster(
+        env={
+            "RAY_FAKE_CLUSTER": "1",
+            "FARM_CATALOG": str(tmp_path / "cluster-catalog"),
+            "FARM_MODELS_DIR": str(shared_model_cache),
+            "FARM_METRICS_ADDRESS": "127.0.0.1:0",
+            "FARM_CLUSTER_CONFIG": str(config),
+            "FARM_AUTOSCALE_INTERVAL_S": "1",
+            "FARM_SCALE_DOWN_IDLE_S": "2",
+        }
+    )
     config.write_text(yaml.safe_dump(_launcher_config(cluster.port)))
     cluster.tmp = tmp_path
     try:
@@ -70,11 +82,14 @@ def autoscaled(ray_session, tmp_path, shared_model_cache):
 
 def _burst_nodes(cluster) -> list[str]:
     """Alive nodes offering the burst pool, as Ray sees them."""
-    script = (f"import json, ray\nray.init(address='{cluster.address}', logging_level='ERROR')\n"
-              "print('NODES', json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] "
-              "and 'farm_pool:burst' in n['Resources']]))\n")
-    result = subprocess.run([sys.executable, "-c", script], env=cluster.client_env(), capture_output=True,
-                            text=True, timeout=120)
+    script = (
+        f"import json, ray\nray.init(address='{cluster.address}', logging_level='ERROR')\n"
+        "print('NODES', json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] "
+        "and 'farm_pool:burst' in n['Resources']]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=cluster.client_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     # Ray prints the autoscaler's events to a driver's stdout too: take our line only.
     return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("NODES "))[6:])

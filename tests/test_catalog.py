@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from farm.catalog import ATTEMPT_SCHEMA, Catalog, JobRecord, ResultFilter, attempt_row
+from farm.catalog import ATTEMPT_SCHEMA, Catalog, JobRecord, ResultFilter
+from farm.records import attempt_row
 from farm.task import AttemptStatus, ModelRef, RenderSettings, Result, Task
 
 MODEL = ModelRef("tiny", "builtin", "/m", "builtin:test", "WanPipeline")
@@ -17,19 +18,40 @@ OUT = "/out"
 
 
 def task(i: int, product: str) -> Task:
-    return Task(f"task{i:03d}", f"{product} {i}", i, MODEL, RenderSettings(64, 64, 9, 8, 4, 5.0),
-                (("product", product),))
+    return Task(
+        f"task{i:03d}", f"{product} {i}", i, MODEL, RenderSettings(64, 64, 9, 8, 4, 5.0), (("product", product),)
+    )
 
 
 def result(t: Task, ok: bool, attempt: int = 1, finished: float | None = None) -> Result:
     status = AttemptStatus.SUCCEEDED if ok else AttemptStatus.FAILED
-    return Result(t.task_id, attempt, status, output_uri=f"{OUT}/{t.task_id}.mp4" if ok else "",
-                  error="" if ok else "boom", started_at=time.time(), finished_at=finished or time.time())
+    return Result(
+        t.task_id,
+        attempt,
+        status,
+        output_uri=f"{OUT}/{t.task_id}.mp4" if ok else "",
+        error="" if ok else "boom",
+        started_at=time.time(),
+        finished_at=finished or time.time(),
+    )
 
 
 def make_job(catalog: Catalog, tasks: list[Task], job_id: str = "job-1") -> JobRecord:
-    job = JobRecord(job_id, "c", datetime.now(UTC), "me", "host", "/m.yaml", "sha", "yaml", "tiny", OUT, 2,
-                    tuple(t.task_id for t in tasks), "0")
+    job = JobRecord(
+        job_id,
+        "c",
+        datetime.now(UTC),
+        "me",
+        "host",
+        "/m.yaml",
+        "sha",
+        "yaml",
+        "tiny",
+        OUT,
+        2,
+        tuple(t.task_id for t in tasks),
+        "0",
+    )
     catalog.record_job(job)
     return job
 
@@ -114,8 +136,9 @@ def test_catalog_files_of_schema_v1_still_read(tmp_path):
     t = task(1, "shoe")
     job = make_job(catalog, [t])
     v1_fields = [f for f in ATTEMPT_SCHEMA if f.name not in ("attempt_uid", "storage")]
-    row = {k: v for k, v in attempt_row(t, result(t, True), OUT, final=True).items()
-           if k not in ("attempt_uid", "storage")}
+    row = {
+        k: v for k, v in attempt_row(t, result(t, True), OUT, final=True).items() if k not in ("attempt_uid", "storage")
+    }
     row["schema_version"] = 1
     folder = tmp_path / "catalog" / "attempts" / "job_id=job-1"
     folder.mkdir(parents=True)
@@ -124,3 +147,32 @@ def test_catalog_files_of_schema_v1_still_read(tmp_path):
     assert read["status"] == "succeeded" and read["schema_version"] == 1
     assert read["attempt_uid"] is None and read["storage"] is None
     assert catalog.status(job).counts["succeeded"] == 1
+
+
+def test_catalog_written_by_schema_v3_reads_whole(tmp_path):
+    """tests/fixtures/catalog-v3 was written by farm's previous release (schema v3, no error_kind)."""
+    import shutil
+    from pathlib import Path
+
+    from farm.task import Mode, ModelKind
+
+    shutil.copytree(Path(__file__).parent / "fixtures" / "catalog-v3", tmp_path / "catalog")
+    catalog = Catalog(tmp_path / "catalog")
+    (job,) = catalog.jobs()
+    assert (job.campaign, job.priority, job.timeout_s, job.task_count) == ("v3job", 5, 120.0, 2)
+    assert job.deadline_at is not None
+    tasks = catalog.tasks(job.job_id)
+    assert [t.prompt for t in tasks] == ["a red shoe", "a blue shoe"]
+    assert tasks[0].model.kind is ModelKind.BUILTIN and tasks[0].mode is Mode.T2V
+    assert tasks[0].settings.negative_prompt == "blurry" and tasks[0].needs.min_vram_gb == 1.5
+    # Task ids still derive the same way from what the task list holds: nothing re-renders.
+    from farm.task import compute_task_id
+
+    assert all(compute_task_id(t.model.identity, t.mode, t.prompt, t.settings, t.seed) == t.task_id for t in tasks)
+    status = catalog.status(job)
+    assert status.counts == {"succeeded": 1, "failed": 1, "pending": 0} and status.state == "finished"
+    rows = catalog.results(job)
+    assert [r["status"] for r in rows] == ["succeeded", "failed"]
+    assert all(r["error_kind"] is None and r["schema_version"] == 3 for r in rows)
+    assert catalog.results(job, ResultFilter(error_kind="render")) == []
+    assert catalog.done([t.task_id for t in tasks], "/out/v3job") == {tasks[0].task_id: "/out/v3job/a.mp4"}

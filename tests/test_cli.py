@@ -29,8 +29,9 @@ axes:
 
 
 def farm(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*FARM, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*FARM, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_validate_and_plan_on_the_shipped_manifests(farm_home):
@@ -80,6 +81,21 @@ def test_bad_arguments_are_one_line_exit_2(farm_home, args, expected):
     assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("FARM_CATALOG_BATCH_ROWS", "lots", "FARM_CATALOG_BATCH_ROWS='lots' is not a whole number ≥ 1"),
+        ("FARM_SCALE_DOWN_IDLE_S", "-3", "FARM_SCALE_DOWN_IDLE_S='-3' is not a number ≥ 0"),
+        ("FARM_AUTOSCALE_INTERVAL_S", "nan", "FARM_AUTOSCALE_INTERVAL_S='nan' is not a number ≥ 0.01"),
+    ],
+)
+def test_invalid_farm_variables_are_one_line_exit_2_before_anything_runs(farm_home, variable, value, expected):
+    result = farm("submit", "manifests/demo.yaml", env={variable: value})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: environment: {expected} — fix or unset the variable"
+    assert not farm_home.exists()
+
+
 def test_submit_json_then_jobs_status_results_and_exit_1_on_failures(farm_home, write_manifest):
     manifest = write_manifest(JOB.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]", "[1, 2]"))
     faults = json.dumps({"prompt_contains": "clip 2 of b"})
@@ -106,8 +122,16 @@ def test_submit_json_then_jobs_status_results_and_exit_1_on_failures(farm_home, 
     assert farm("results", job_id, "--format", "parquet", "--out", str(exported)).returncode == 0
     assert pq.read_table(exported).num_rows == 4
     bad_time = farm("results", job_id, "--since", "yesterday")
-    assert bad_time.returncode == 2 and "--since: 'yesterday' is neither an ISO time nor an age" in bad_time.stderr
-    compacted = json.loads(farm("catalog", "compact", "--format", "json").stdout)
+    assert bad_time.returncode == 2 and "--since: 'yesterday' is neither a duration nor a time" in bad_time.stderr
+    # Failures are grouped by kind, without parsing error text: the injected fault is a render failure.
+    by_kind = json.loads(farm("results", job_id, "--error-kind", "render", "-f", "json").stdout)
+    assert [(r["status"], r["error_kind"]) for r in by_kind] == [("failed", "render")]
+    assert json.loads(farm("results", job_id, "--error-kind", "storage", "-f", "json").stdout) == []
+    bad_kind = farm("results", job_id, "--error-kind", "gremlins")
+    assert bad_kind.returncode == 2 and "gremlins" in bad_kind.stderr
+    compact = farm("catalog", "compact", "--format", "json")
+    assert compact.returncode == 0, compact.stderr
+    compacted = json.loads(compact.stdout)
     assert compacted["merged_files"] >= 2 and compacted["written_files"] >= 1  # the events partition
     assert json.loads(farm("status", job_id, "--format", "json").stdout)["succeeded"] == 3
 
@@ -131,10 +155,20 @@ def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, wri
     batch = "4" if how == "sigint" else "1000"
     # Each clip takes 0.3 s more, so the job is still running whatever the interruption's timing.
     slow = json.dumps({"prompt_contains": "clip", "action": "slow", "hang_s": 0.3})
-    env = {**os.environ, "FARM_CATALOG_BATCH_ROWS": batch, "FARM_CATALOG_BATCH_SECONDS": "3600",
-           "FARM_TEST_FAULTS": slow}
-    process = subprocess.Popen([*FARM, "submit", str(manifest), "--workers", "1"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "FARM_CATALOG_BATCH_ROWS": batch,
+        "FARM_CATALOG_BATCH_SECONDS": "3600",
+        "FARM_TEST_FAULTS": slow,
+    }
+    process = subprocess.Popen(
+        [*FARM, "submit", str(manifest), "--workers", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while _count(outputs, "*.json") < 6 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -147,13 +181,21 @@ def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, wri
     else:  # the driver and its embedded Ray die at once; nothing is flushed
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=60)
-    finished_before = {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.mp4")
-                       if (outputs / p.name.replace(".mp4", ".json")).exists()}
+    finished_before = {
+        p.name: p.stat().st_mtime_ns
+        for p in outputs.glob("*.mp4")
+        if (outputs / p.name.replace(".mp4", ".json")).exists()
+    }
     assert 0 < len(finished_before) < 24
 
     env.pop("FARM_TEST_FAULTS")
-    resumed = subprocess.run([*FARM, "submit", str(manifest), "--workers", "2", "--format", "json"],
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*FARM, "submit", str(manifest), "--workers", "2", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["already_done"] >= len(finished_before) and summary["failed"] == 0

@@ -18,7 +18,7 @@ from farm import api
 from farm.catalog import Catalog
 from farm.controller import CONTROLLER_NAME, NAMESPACE
 from farm.errors import FarmError
-from farm.render import TestFaults
+from farm.faults import Fault
 
 pytestmark = pytest.mark.ray
 
@@ -122,9 +122,14 @@ def node_ids_by_pool(cluster) -> dict[str, str]:
 
 
 def test_routing_fits_and_prefers_the_cheapest_pool(farm, farm_home, write_manifest):
-    path = manifest(write_manifest, "routing", 6, extra="tasks:\n"
-                    "  - {prompt: 'heavy a', requirements: {min_vram_gb: 60}}\n"
-                    "  - {prompt: 'heavy b', requirements: {min_vram_gb: 60}}\n")
+    path = manifest(
+        write_manifest,
+        "routing",
+        6,
+        extra="tasks:\n"
+        "  - {prompt: 'heavy a', requirements: {min_vram_gb: 60}}\n"
+        "  - {prompt: 'heavy b', requirements: {min_vram_gb: 60}}\n",
+    )
     plan = api.plan(path, address="auto")
     assert plan.routes == {"small": 6, "big": 2}
     outcome = api.submit(path, address="auto")
@@ -146,11 +151,11 @@ def test_a_task_no_pool_can_take_is_a_plan_error(farm, farm_home, write_manifest
         api.plan(path, address="auto")
 
 
-def test_priorities_across_jobs_sharing_one_controller(farm, farm_home, write_manifest):
-    slow = TestFaults("clip", action="slow", hang_s=0.3)
-    low_thread, low = submit_in_background(manifest(write_manifest, "low", 24), test_faults=slow)
+def test_priorities_across_jobs_sharing_one_controller(farm, farm_home, write_manifest, faults):
+    faults(Fault("clip", action="slow", hang_s=0.3))
+    low_thread, low = submit_in_background(manifest(write_manifest, "low", 24))
     wait_for(lambda: succeeded_so_far(farm_home) >= 2, what="the low-priority job to start")
-    high = api.submit(manifest(write_manifest, "high", 6, priority=10), address="auto", test_faults=slow)
+    high = api.submit(manifest(write_manifest, "high", 6, priority=10), address="auto")
     high_done = time.time()
     low_thread.join(timeout=300)
     assert "error" not in low, low.get("error")
@@ -161,11 +166,11 @@ def test_priorities_across_jobs_sharing_one_controller(farm, farm_home, write_ma
     assert_exactly_once(farm_home, [high.job_id, low["outcome"].job_id])
 
 
-def test_renderers_killed_at_random_and_a_node_lost_then_another_added(farm, farm_home, write_manifest):
+def test_renderers_killed_at_random_and_a_node_lost_then_another_added(farm, farm_home, write_manifest, faults):
     import ray
 
-    slow = TestFaults("clip", action="slow", hang_s=0.3)
-    thread, box = submit_in_background(manifest(write_manifest, "chaos", 30), test_faults=slow)
+    faults(Fault("clip", action="slow", hang_s=0.3))
+    thread, box = submit_in_background(manifest(write_manifest, "chaos", 30))
     wait_for(lambda: succeeded_so_far(farm_home) >= 3, what="progress")
     controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     victims = [r for r in ray.get(controller.renderer_stats.remote()) if r["ready"]][:2]
@@ -184,20 +189,21 @@ def test_renderers_killed_at_random_and_a_node_lost_then_another_added(farm, far
     assert any(r["status"] == "interrupted" for r in checked["rows"]), "no attempt was interrupted"
 
 
-def test_a_task_that_kills_every_renderer_fails_and_the_job_goes_on(farm, farm_home, write_manifest):
+def test_a_task_that_kills_every_renderer_fails_and_the_job_goes_on(farm, farm_home, write_manifest, faults):
     path = manifest(write_manifest, "poison", 5, extra="tasks:\n  - {prompt: 'poison pill'}\n")
-    outcome = api.submit(path, address="auto", test_faults=TestFaults("pill", action="exit"))
+    faults(Fault("pill", action="exit"))
+    outcome = api.submit(path, address="auto")
     assert (outcome.run.succeeded, outcome.run.failed) == (5, 1)
     checked = assert_exactly_once(farm_home, [outcome.job_id])
     (row,) = [r for r in checked["rows"] if r["prompt"] == "poison pill" and r["final"]]
     assert row["status"] == "failed" and "renderers died running it" in row["error"]
 
 
-def test_controller_killed_mid_job_is_restarted_and_finishes_the_job_once(farm, farm_home, write_manifest):
+def test_controller_killed_mid_job_is_restarted_and_finishes_the_job_once(farm, farm_home, write_manifest, faults):
     import ray
 
-    slow = TestFaults("clip", action="slow", hang_s=0.3)
-    thread, box = submit_in_background(manifest(write_manifest, "phoenix", 20), test_faults=slow)
+    faults(Fault("clip", action="slow", hang_s=0.3))
+    thread, box = submit_in_background(manifest(write_manifest, "phoenix", 20))
     wait_for(lambda: succeeded_so_far(farm_home) >= 4, what="progress")
     controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     first = ray.get(controller.ping.remote())
@@ -211,9 +217,10 @@ def test_controller_killed_mid_job_is_restarted_and_finishes_the_job_once(farm, 
     assert status.counts == {"succeeded": 20, "failed": 0, "pending": 0} and status.state == "finished"
 
 
-def test_cancel_stops_a_job_within_seconds_and_resubmit_resumes(farm, farm_home, write_manifest):
+def test_cancel_stops_a_job_within_seconds_and_resubmit_resumes(farm, farm_home, write_manifest, faults):
     path = manifest(write_manifest, "stopme", 30)
-    thread, box = submit_in_background(path, test_faults=TestFaults("clip", action="slow", hang_s=0.5))
+    faults(Fault("clip", action="slow", hang_s=0.5))
+    thread, box = submit_in_background(path)
     wait_for(lambda: succeeded_so_far(farm_home) >= 3, what="progress")
     job_id = Catalog(farm_home / "catalog").jobs()[-1].job_id
     asked = time.monotonic()
@@ -225,6 +232,7 @@ def test_cancel_stops_a_job_within_seconds_and_resubmit_resumes(farm, farm_home,
     assert api.status(job_id).state == "cancelled"
     done_before = api.status(job_id).counts["succeeded"]
     assert 0 < done_before < 30
+    faults()  # the rest at full speed
     again = api.submit(path, address="auto")
     assert len(again.plan.done) == done_before and again.run.succeeded == 30 - done_before
     assert_exactly_once(farm_home, [again.job_id])

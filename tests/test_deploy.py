@@ -35,8 +35,9 @@ TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # where Ray >= 2.52 reads
 
 def _pools(resources_by_node: dict[str, dict]) -> dict[str, tuple]:
     nodes = [{"Alive": True, "NodeID": name, "Resources": res} for name, res in resources_by_node.items()]
-    return {c.pool.name: (c.pool.gpu_type, c.pool.vram_gb, c.pool.cost_per_hour, c.slots)
-            for c in discover_pools(nodes)}
+    return {
+        c.pool.name: (c.pool.gpu_type, c.pool.vram_gb, c.pool.cost_per_hour, c.slots) for c in discover_pools(nodes)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +106,40 @@ def test_cluster_yaml_start_commands_are_secure(cluster):
 
 
 def test_cluster_yaml_documents_a_workstation_joining_as_its_own_pool():
-    lines = [ln.lstrip("# ").strip() for ln in CLUSTER_YAML.read_text().splitlines()
-             if ln.startswith("#") and "ray start --address" in ln]
+    lines = [
+        ln.lstrip("# ").strip()
+        for ln in CLUSTER_YAML.read_text().splitlines()
+        if ln.startswith("#") and "ray start --address" in ln
+    ]
     assert len(lines) == 1
     tokens = shlex.split(lines[0])
     env = dict(t.split("=", 1) for t in tokens[: tokens.index("ray")])
     assert env["RAY_AUTH_MODE"] == "token" and set(env) & set(TOKEN_ENV)
-    resources = json.loads(next(t for t in tokens if t.startswith("--resources="))[len("--resources="):])
+    resources = json.loads(next(t for t in tokens if t.startswith("--resources="))[len("--resources=") :])
     assert _pools({"workstation": {**resources, "GPU": 1}}) == {"studio": ("RTX4090", 24, 0.0, 1)}
 
 
 # --- Dockerfile -----------------------------------------------------------------------------
 
-KNOWN_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "LABEL",
-                      "EXPOSE", "VOLUME", "HEALTHCHECK", "SHELL", "STOPSIGNAL", "ONBUILD"}
+KNOWN_INSTRUCTIONS = {
+    "FROM",
+    "ARG",
+    "ENV",
+    "RUN",
+    "COPY",
+    "ADD",
+    "WORKDIR",
+    "USER",
+    "CMD",
+    "ENTRYPOINT",
+    "LABEL",
+    "EXPOSE",
+    "VOLUME",
+    "HEALTHCHECK",
+    "SHELL",
+    "STOPSIGNAL",
+    "ONBUILD",
+}
 
 
 def _dockerfile() -> list[tuple[str, str]]:

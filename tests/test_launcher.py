@@ -50,18 +50,22 @@ def test_check_accepts_the_shipped_cluster_yaml(home):
 
 
 def _drop_token_auth(config):
-    config["worker_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token ", "")
-                                           for c in config["worker_start_ray_commands"]]
+    config["worker_start_ray_commands"] = [
+        c.replace("RAY_AUTH_MODE=token ", "") for c in config["worker_start_ray_commands"]
+    ]
 
 
 def _token_auth_only_in_a_comment(config):
-    config["head_start_ray_commands"] = ["ray stop  # RAY_AUTH_MODE=token",
-                                         "ray start --head --port=6379 --dashboard-host=127.0.0.1"]
+    config["head_start_ray_commands"] = [
+        "ray stop  # RAY_AUTH_MODE=token",
+        "ray start --head --port=6379 --dashboard-host=127.0.0.1",
+    ]
 
 
 def _token_auth_overridden(config):
-    config["worker_start_ray_commands"] = [c.replace("ray start", "RAY_AUTH_MODE=disabled ray start")
-                                           for c in config["worker_start_ray_commands"]]
+    config["worker_start_ray_commands"] = [
+        c.replace("ray start", "RAY_AUTH_MODE=disabled ray start") for c in config["worker_start_ray_commands"]
+    ]
 
 
 def _no_pools(config):
@@ -72,21 +76,35 @@ def _no_pools(config):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda c: c["available_node_types"]["l4"].update(max_workers="many"),
-         "available_node_types.l4.max_workers: Ray's cluster schema rejects it: 'many' is not of type 'integer'"),
+        (
+            lambda c: c["available_node_types"]["l4"].update(max_workers="many"),
+            "available_node_types.l4.max_workers: Ray's cluster schema rejects it: 'many' is not of type 'integer'",
+        ),
         (lambda c: c.update(head_node_type="nowhere"), "Ray's cluster launcher rejects it"),
         (_drop_token_auth, "worker_start_ray_commands: starts Ray without token authentication"),
         (_token_auth_only_in_a_comment, "head_start_ray_commands: starts Ray without token authentication"),
         (_token_auth_overridden, "worker_start_ray_commands: starts Ray without token authentication"),
-        (lambda c: c["available_node_types"]["l4"].update(min_workers=9),
-         "available_node_types.l4: min_workers 9 and max_workers 8 do not make a range"),
+        (
+            lambda c: c["available_node_types"]["l4"].update(min_workers=9),
+            "available_node_types.l4: min_workers 9 and max_workers 8 do not make a range",
+        ),
         (lambda c: c.update(file_mounts=["~/.farm/ray-token"]), "Ray's cluster"),
         (lambda c: c["provider"].update(type="nowhere-cloud"), "Ray's cluster launcher rejects it"),
         (_no_pools, "available_node_types: no worker node type offers a farm pool"),
         (lambda c: c.update(file_mounts={}), "file_mounts: the nodes read the Ray token from"),
     ],
-    ids=["schema", "head-type", "no-token-auth", "token-auth-in-a-comment", "token-auth-overridden",
-         "min-above-max", "file-mounts-list", "unknown-provider", "no-pools", "token-not-mounted"],
+    ids=[
+        "schema",
+        "head-type",
+        "no-token-auth",
+        "token-auth-in-a-comment",
+        "token-auth-overridden",
+        "min-above-max",
+        "file-mounts-list",
+        "unknown-provider",
+        "no-pools",
+        "token-not-mounted",
+    ],
 )
 @pytest.mark.parametrize("command", ["check", "up"])
 def test_bad_config_is_one_line_exit_2(home, tmp_path, edit, expected, command):
@@ -115,8 +133,13 @@ def test_missing_config(home, tmp_path):
 def test_up_without_cloud_credentials_creates_the_token_and_fails_in_one_line(home):
     result = farm(home, "cluster", "up")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: cluster.yaml: provider: no AWS credentials found for the cluster launcher — run 'aws configure'")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: cluster.yaml: provider: no AWS credentials found for the cluster launcher — run 'aws configure'"
+        )
+    )
     token = home / ".farm" / "ray-token" / "auth_token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     value = token.read_text()
@@ -128,9 +151,14 @@ def test_up_without_cloud_credentials_creates_the_token_and_fails_in_one_line(ho
 
 def test_launcher_failure_is_its_last_line_without_the_traceback(home):
     """The real `ray up`, with credentials but an AWS endpoint that refuses connections."""
-    cloud = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "example",
-             "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard",
-             "BOTO_MAX_RETRIES": "0"}  # Ray's own retry count for the launcher's boto clients
+    cloud = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "example",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_RETRY_MODE": "standard",
+        "BOTO_MAX_RETRIES": "0",
+    }  # Ray's own retry count for the launcher's boto clients
     result = farm(home, "cluster", "up", env=cloud)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and 'File "' not in result.stderr
@@ -141,7 +169,8 @@ def test_launcher_failure_is_its_last_line_without_the_traceback(home):
     assert f"the launcher's full output is in {log}" in last
     assert "Traceback (most recent call last)" in log.read_text()  # kept for whoever debugs it
     assert "Cluster: farm" in result.stderr.replace("\x1b[37m", "").replace("\x1b[39m", "").replace(
-        "\x1b[1m", "").replace("\x1b[22m", "")  # the launcher's progress is shown as it runs
+        "\x1b[1m", ""
+    ).replace("\x1b[22m", "")  # the launcher's progress is shown as it runs
 
 
 def test_down_needs_only_rays_checks_so_an_edited_config_can_still_stop_the_nodes(home, tmp_path):

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from farm.errors import ManifestError
-from farm.manifest import expand, load_manifest
+from farm.expand import expand
+from farm.manifest import load_manifest
 
 BASE = """
 campaign: spring
@@ -107,9 +108,7 @@ def test_task_id_is_stable_and_follows_every_pixel_input(write_manifest, farm_ho
 
 
 def test_rows_from_csv_cross_with_axes_and_override_per_row(tmp_path, write_manifest, farm_home):
-    (tmp_path / "variants.csv").write_text(
-        "product,copy,width,seed\nshoe,Run faster,96,5\nbag,Carry more,,\n"
-    )
+    (tmp_path / "variants.csv").write_text("product,copy,width,seed\nshoe,Run faster,96,5\nbag,Carry more,,\n")
     path = write_manifest("""
         campaign: rows
         prompt: "{product}: {copy} ({platform})"
@@ -127,8 +126,9 @@ def test_rows_from_csv_cross_with_axes_and_override_per_row(tmp_path, write_mani
 
 
 def test_rows_from_parquet(tmp_path, write_manifest, farm_home):
-    pq.write_table(pa.table({"product": ["a", "b", "c"], "prompt": ["", "custom {product}", ""]}),
-                   tmp_path / "rows.parquet")
+    pq.write_table(
+        pa.table({"product": ["a", "b", "c"], "prompt": ["", "custom {product}", ""]}), tmp_path / "rows.parquet"
+    )
     path = write_manifest("""
         campaign: pq
         prompt: "template {product}"
@@ -139,8 +139,8 @@ def test_rows_from_parquet(tmp_path, write_manifest, farm_home):
 
 
 def test_output_defaults_under_farm_home_and_resolves_relative_to_manifest(tmp_path, write_manifest, farm_home):
-    assert load_manifest(write_manifest(BASE)).output == str(farm_home / "outputs" / "spring")
-    assert load_manifest(write_manifest(BASE + "output: clips\n")).output == str(tmp_path / "clips")
+    assert load_manifest(write_manifest(BASE)).target.uri == str(farm_home / "outputs" / "spring")
+    assert load_manifest(write_manifest(BASE + "output: clips\n")).target.uri == str(tmp_path / "clips")
 
 
 # --- errors: one line, file:line: field: what — how to fix
@@ -181,7 +181,7 @@ def test_output_defaults_under_farm_home_and_resolves_relative_to_manifest(tmp_p
         ),
         (
             "campaign: x\nprompt: 'a {b'\n",
-            ":2: prompt: bad template: expected '}' before end of string — write literal braces as {{ and }}",
+            ":2: prompt: unclosed '{' at character 3 — write literal braces as {{ and }}",
         ),
         (
             "campaign: x\nprompt: hi\naxes:\n  product: [a, b\n",
@@ -264,14 +264,53 @@ def test_explicit_task_prompt_with_unknown_placeholder(write_manifest, farm_home
     assert ":3: tasks[0].prompt: placeholder {thing} has no value — add vars: {thing: ...}" in message
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("90m", 5400), ("6h", 21600), ("1.5d", 129600), (3600, 3600),
-                                                ("2027-03-01T09:00:00+01:00", 3600)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("90m", 5400),
+        ("6h", 21600),
+        ("1.5d", 129600),
+        (3600, 3600),
+        ("1h30m", 5400),
+        ("2d 12h", 216000),
+        ("2027-03-01T09:00:00+01:00", 3600),
+    ],
+)
 def test_deadline_is_a_duration_or_a_time_with_its_zone(value, seconds):
     from datetime import UTC, datetime
 
-    from farm.manifest import deadline_seconds
+    from farm.config import MAX_DEADLINE_S
+    from farm.timeparse import Deadline
 
-    assert deadline_seconds(value, datetime(2027, 3, 1, 7, 0, tzinfo=UTC)) == seconds
+    now = datetime(2027, 3, 1, 7, 0, tzinfo=UTC)
+    assert Deadline.parse(value, MAX_DEADLINE_S).seconds_left(now) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2027-03-01T09:00:00", "'2027-03-01T09:00:00' has no time zone: add one, e.g. 2027-03-01T09:00:00+00:00"),
+        ("soon", "'soon' is neither a duration nor a time"),
+        ("0s", "must be positive"),
+        ("400d", "is more than a year"),
+    ],
+)
+def test_bad_deadlines_say_what_to_write(write_manifest, farm_home, value, expected):
+    message = error_of(write_manifest(BASE + f"deadline: '{value}'\n"))
+    assert "deadline: " in message and expected in message, message
+
+
+def test_since_and_until_share_the_deadline_grammar():
+    from datetime import UTC, datetime, timedelta
+
+    from farm.timeparse import time_ago
+
+    now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    assert time_ago("1h30m", now) == now - timedelta(minutes=90)
+    assert time_ago("3600", now) == now - timedelta(hours=1)
+    assert time_ago("2026-11-25T08:00", now) == datetime(2026, 11, 25, 8, 0, tzinfo=UTC)  # UTC unless it says
+    with pytest.raises(ValueError, match="neither a duration nor a time"):
+        time_ago("yesterday", now)
 
 
 def test_unquoted_yaml_time_is_a_deadline(write_manifest, farm_home):
@@ -282,7 +321,6 @@ def test_unquoted_yaml_time_is_a_deadline(write_manifest, farm_home):
 def test_a_passed_deadline_does_not_stop_a_late_campaign_from_resuming(write_manifest, farm_home):
     from datetime import UTC, datetime
 
-    from farm.manifest import deadline_seconds
-
     loaded = load_manifest(write_manifest(BASE + "deadline: 2020-01-01T00:00:00+00:00\n"))
-    assert deadline_seconds(loaded.manifest.deadline, datetime(2020, 1, 1, 0, 5, tzinfo=UTC)) == -300
+    assert loaded.deadline is not None
+    assert loaded.deadline.seconds_left(datetime(2020, 1, 1, 0, 5, tzinfo=UTC)) == -300

@@ -22,7 +22,8 @@ import yaml
 
 from farm import api, metrics, monitor
 from farm.catalog import Catalog
-from farm.render import TestFaults
+from farm.faults import Fault, write_faults
+from tests.conftest import FAULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "dashboards").glob("*.json"))
@@ -207,14 +208,22 @@ def observed(ray_session, tmp_path_factory):
     os.environ["FARM_METRICS_ADDRESS"] = f"127.0.0.1:{free_port()}"
     # The pools as node types of an autoscaler config, so the controller sizes them (one node each).
     config = tmp / "cluster.yaml"
-    config.write_text(yaml.safe_dump({"available_node_types": {
-        "small": {"resources": {"CPU": 2, **SMALL}, "min_workers": 1, "max_workers": 1},
-        "big": {"resources": {"CPU": 1, **BIG}, "min_workers": 1, "max_workers": 1}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "available_node_types": {
+                    "small": {"resources": {"CPU": 2, **SMALL}, "min_workers": 1, "max_workers": 1},
+                    "big": {"resources": {"CPU": 1, **BIG}, "min_workers": 1, "max_workers": 1},
+                }
+            }
+        )
+    )
     os.environ["FARM_CLUSTER_CONFIG"] = str(config)
     if ray_session.is_initialized():
         ray_session.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    )
     cluster.add_node(num_cpus=2, resources=SMALL)
     cluster.add_node(num_cpus=1, resources=BIG)
     cluster.wait_for_nodes()
@@ -222,9 +231,12 @@ def observed(ray_session, tmp_path_factory):
     session_dir = ray_session._private.worker._global_node.get_session_dir_path()
     facts: dict = {}
     try:
-        services = monitor.up(prometheus_port=free_port(), grafana_port=free_port(),
-                              service_discovery_file=str(Path(session_dir) / "prom_metrics_service_discovery.json"),
-                              scrape_interval="1s")
+        services = monitor.up(
+            prometheus_port=free_port(),
+            grafana_port=free_port(),
+            service_discovery_file=str(Path(session_dir) / "prom_metrics_service_discovery.json"),
+            scrape_interval="1s",
+        )
         prom = Prometheus(services[0].url)
         facts["prom"] = prom
         alerts = alert_exprs()
@@ -234,8 +246,12 @@ def observed(ray_session, tmp_path_factory):
         prom.wait_for(f'farm_job_tasks{{job_id="{healthy.job_id}", state="succeeded"}} == 8')
         facts["after_healthy"] = {name: prom.query(expr) for name, expr in alerts.items()}
 
-        failing = api.submit(write_job(tmp, "failing", 4), address="auto",
-                             test_faults=TestFaults(prompt_contains="failing", action="raise"))
+        write_faults(
+            FAULTS_FILE,
+            Fault(prompt_contains="failing", action="raise"),
+            Fault(prompt_contains="stuck", action="hang", hang_s=120),
+        )
+        failing = api.submit(write_job(tmp, "failing", 4), address="auto")
         facts["failing"] = failing
         prom.wait_for(f'farm_job_tasks{{job_id="{failing.job_id}", state="failed"}} == 4')
         # Renderer metrics travel through Ray's agents (reported every few seconds).
@@ -244,19 +260,23 @@ def observed(ray_session, tmp_path_factory):
         prom.wait_for("min(count_over_time(ray_farm_render_seconds_count[5m])) >= 2")
         prom.wait_for("min(count_over_time(ray_node_cpu_utilization[5m])) >= 2")
         facts["after_failing"] = {name: prom.query(expr) for name, expr in alerts.items()}
-        facts["exposition"] = urllib.request.urlopen(
-            f"http://{os.environ['FARM_METRICS_ADDRESS']}/metrics", timeout=10).read().decode()
+        facts["exposition"] = (
+            urllib.request.urlopen(f"http://{os.environ['FARM_METRICS_ADDRESS']}/metrics", timeout=10).read().decode()
+        )
         facts["dashboards"] = {
-            path.stem: [(title, expr, prom.query(substitute(expr, healthy.job_id)))
-                        for title, expr in dashboard_exprs(json.loads(path.read_text()))]
-            for path in DASHBOARDS}
+            path.stem: [
+                (title, expr, prom.query(substitute(expr, healthy.job_id)))
+                for title, expr in dashboard_exprs(json.loads(path.read_text()))
+            ]
+            for path in DASHBOARDS
+        }
 
         # A job that needs the big pool and hangs there: the small pool's renderers sit idle.
         stuck_path = write_job(tmp, "stuck", 6, extra="requirements: {min_vram_gb: 40}\ndeadline: 5s")
         box: dict = {}
-        thread = threading.Thread(target=lambda: box.update(outcome=api.submit(
-            stuck_path, address="auto", test_faults=TestFaults(prompt_contains="stuck", action="hang", hang_s=120))),
-            daemon=True)
+        thread = threading.Thread(
+            target=lambda: box.update(outcome=api.submit(stuck_path, address="auto")), daemon=True
+        )
         thread.start()
         stuck_id = wait_for_job(tmp / "home" / "catalog", "stuck")
         facts["stuck_id"] = stuck_id
@@ -271,6 +291,7 @@ def observed(ray_session, tmp_path_factory):
         facts["after_cancel"] = {name: prom.query(expr) for name, expr in alerts.items()}
         yield facts
     finally:
+        write_faults(FAULTS_FILE)
         monitor.down()
         from tests.conftest import stop_controller
 
@@ -287,7 +308,7 @@ def observed(ray_session, tmp_path_factory):
 
 def substitute(expr: str, job_id: str) -> str:
     """What Grafana does to a panel's query before sending it."""
-    return (expr.replace("$__rate_interval", "5m").replace("$job_id", job_id).replace("$pool", ".*"))
+    return expr.replace("$__rate_interval", "5m").replace("$job_id", job_id).replace("$pool", ".*")
 
 
 def wait_for_job(catalog_root: Path, campaign: str, timeout: float = 60) -> str:
@@ -344,18 +365,28 @@ def test_metrics_agree_with_the_catalog(observed):
 
 
 def test_promtool_accepts_the_exposition(observed):
-    result = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=observed["exposition"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [shutil.which("promtool"), "check", "metrics"],
+        input=observed["exposition"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "farm_job_tasks{" in observed["exposition"]
 
 
 def test_alerts_fire_when_provoked_and_not_otherwise(observed):
-    after_healthy, after_failing, after_cancel = (observed[k] for k in ("after_healthy", "after_failing",
-                                                                        "after_cancel"))
+    after_healthy, after_failing, after_cancel = (
+        observed[k] for k in ("after_healthy", "after_failing", "after_cancel")
+    )
     # A healthy finished job: nothing fires.
-    assert after_healthy == {"FarmJobStalled": [], "FarmHighFailureRate": [], "FarmPoolIdleWhileQueued": [],
-                             "FarmJobDeadlineAtRisk": []}
+    assert after_healthy == {
+        "FarmJobStalled": [],
+        "FarmHighFailureRate": [],
+        "FarmPoolIdleWhileQueued": [],
+        "FarmJobDeadlineAtRisk": [],
+    }
     # Every attempt of the second job failed: the failure rate fires, for the pools it ran on.
     assert {r["metric"]["pool"] for r in after_failing["FarmHighFailureRate"]} <= {"small", "big"}
     assert after_failing["FarmHighFailureRate"]
@@ -406,9 +437,11 @@ def test_farm_monitor_without_prometheus_is_one_clear_line(tmp_path):
     import sys
 
     env = {**os.environ, "FARM_HOME": str(tmp_path), "PATH": str(tmp_path)}  # a PATH without prometheus
-    result = subprocess.run([sys.executable, "-m", "farm.cli", "monitor", "up"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "monitor", "up"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: prometheus is not installed — install it (Debian/Ubuntu: apt-get install prometheus) or download "
-        "it from prometheus.io, then run farm monitor up again"]
+        "it from prometheus.io, then run farm monitor up again"
+    ]

@@ -21,8 +21,16 @@ def tiny_pipeline(shared_model_cache):
 def generate(pipeline, prompt: str, seed: int):
     import torch
 
-    return pipeline(prompt=prompt, height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
-                    generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+    return pipeline(
+        prompt=prompt,
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).frames[0]
 
 
 def test_tiny_model_is_a_real_wan_pipeline_on_disk(tiny_pipeline, shared_model_cache):

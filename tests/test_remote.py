@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from farm.catalog import Catalog
+from farm.faults import Fault
 from tests.raycluster import RayCliCluster
 
 pytestmark = pytest.mark.ray
@@ -47,14 +48,16 @@ def cluster(ray_session, tmp_path_factory, shared_model_cache):
     tmp = tmp_path_factory.mktemp("remote")
     config = tmp / "cluster.yaml"
     config.write_text(yaml.safe_dump(CLUSTER_CONFIG))
-    c = RayCliCluster(env={
-        "FARM_CATALOG": str(tmp / "cluster-catalog"),  # the head's catalog: clients never see its path
-        "FARM_MODELS_DIR": str(shared_model_cache),
-        "FARM_METRICS_ADDRESS": "127.0.0.1:0",
-        "FARM_CLUSTER_CONFIG": str(config),
-        "FARM_AUTOSCALE_INTERVAL_S": "1",
-        "FARM_SCALE_DOWN_IDLE_S": "2",
-    })
+    c = RayCliCluster(
+        env={
+            "FARM_CATALOG": str(tmp / "cluster-catalog"),  # the head's catalog: clients never see its path
+            "FARM_MODELS_DIR": str(shared_model_cache),
+            "FARM_METRICS_ADDRESS": "127.0.0.1:0",
+            "FARM_CLUSTER_CONFIG": str(config),
+            "FARM_AUTOSCALE_INTERVAL_S": "1",
+            "FARM_SCALE_DOWN_IDLE_S": "2",
+        }
+    )
     try:
         c.start_head()
         c.add_worker("small", SMALL, 2)
@@ -68,11 +71,12 @@ def cluster(ray_session, tmp_path_factory, shared_model_cache):
 def farm(cluster, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """A farm command in its own process, with the cluster's token and no farm home of its own."""
     client_env = cluster.client_env(**(env or {}))
-    for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG", "FARM_TEST_FAULTS"):
+    for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
         if not env or key not in env:
             client_env.pop(key, None)
-    return subprocess.run([*FARM, *args], env=client_env, cwd=cluster.tmp, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*FARM, *args], env=client_env, cwd=cluster.tmp, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def farm_json(cluster, *args: str, env: dict | None = None):
@@ -83,7 +87,8 @@ def farm_json(cluster, *args: str, env: dict | None = None):
 
 def write_manifest(cluster, name: str, n: int, extra: str = "") -> Path:
     path = cluster.tmp / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         campaign: {name}
         prompt: "{name} clip {{n}}"
         render: {{width: 32, height: 32, frames: 5, steps: 2}}
@@ -91,7 +96,9 @@ def write_manifest(cluster, name: str, n: int, extra: str = "") -> Path:
           n: [{", ".join(str(i) for i in range(n))}]
         output: {cluster.tmp / "clips" / name}
         retries: 2
-        """) + extra)
+        """)
+        + extra
+    )
     return path
 
 
@@ -105,11 +112,10 @@ def wait_until(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_detached_submit_survives_a_lost_worker_node_exactly_once(cluster):
-    slow = json.dumps({"prompt_contains": "remote", "action": "slow", "hang_s": 1.5})  # ~8 s on 3 slots
+def test_detached_submit_survives_a_lost_worker_node_exactly_once(cluster, faults):
+    faults(Fault("remote", action="slow", hang_s=1.5))  # ~8 s on 3 slots
     path = write_manifest(cluster, "remote", 16)
-    handed = farm_json(cluster, "submit", str(path), "--address", cluster.address,
-                       env={"FARM_TEST_FAULTS": slow})
+    handed = farm_json(cluster, "submit", str(path), "--address", cluster.address)
     job_id = handed["job_id"]
     assert handed["state"] == "running" and handed["to_render"] == 16  # returned while the job runs
 
@@ -147,8 +153,9 @@ def test_a_client_without_the_token_is_refused(cluster, tmp_path, case):
         client_env.pop("RAY_AUTH_TOKEN")
     if case == "no-auth-settings":
         client_env.pop("RAY_AUTH_MODE")
-    result = subprocess.run([*FARM, "jobs", "--address", cluster.address], env=client_env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [*FARM, "jobs", "--address", cluster.address], env=client_env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -159,14 +166,17 @@ def test_a_client_without_the_token_is_refused(cluster, tmp_path, case):
 
 def _requested_bundles(cluster) -> list[dict]:
     """The standing request in Ray's autoscaler channel, read as the autoscaler reads it."""
-    script = ("import json, ray\n"
-              "from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL as key\n"
-              "from ray.experimental.internal_kv import _internal_kv_get\n"
-              f"ray.init(address='{cluster.address}', logging_level='ERROR')\n"
-              "value = _internal_kv_get(key)\n"
-              "print(json.dumps(json.loads(value) if value else None))\n")
-    result = subprocess.run([sys.executable, "-c", script], env=cluster.client_env(), capture_output=True,
-                            text=True, timeout=120)
+    script = (
+        "import json, ray\n"
+        "from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL as key\n"
+        "from ray.experimental.internal_kv import _internal_kv_get\n"
+        f"ray.init(address='{cluster.address}', logging_level='ERROR')\n"
+        "value = _internal_kv_get(key)\n"
+        "print(json.dumps(json.loads(value) if value else None))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=cluster.client_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1]) or []
 
@@ -187,70 +197,113 @@ def test_the_controller_asks_the_autoscaler_for_the_pool_its_backlog_needs(clust
     pools = {p["pool"]: p for p in farm_json(cluster, "pools", "--address", cluster.address)}
     assert pools["burst"]["target_nodes"] == 3 and pools["burst"]["nodes"] == []
     cluster.add_worker("burst", BURST, 1)  # what the autoscaler does with the request
-    final = wait_until(lambda: (s := farm_json(cluster, "status", handed["job_id"], "--address", cluster.address))
-                       ["state"] == "finished" and s, 240, "the burst job")
+    final = wait_until(
+        lambda: (
+            (s := farm_json(cluster, "status", handed["job_id"], "--address", cluster.address))["state"] == "finished"
+            and s
+        ),
+        240,
+        "the burst job",
+    )
     assert final["succeeded"] == 4
     # The queue drained and stayed empty past the idle grace: the request is withdrawn.
     wait_until(lambda: _requested_bundles(cluster) == [], 60, "the request to be withdrawn")
     # ... and its renderer is stopped, so the node holds nothing and the autoscaler can remove it.
-    assert wait_until(lambda: not {p["pool"]: p for p in farm_json(cluster, "pools", "--address", cluster.address)}
-                      ["burst"]["renderers"], 60, "the burst renderer to be released")
+    assert wait_until(
+        lambda: (
+            not {p["pool"]: p for p in farm_json(cluster, "pools", "--address", cluster.address)}["burst"]["renderers"]
+        ),
+        60,
+        "the burst renderer to be released",
+    )
     assert wait_until(lambda: _available(cluster, "farm_pool:burst") == 1.0, 60, "the burst slot to be free")
 
 
 def _available(cluster, resource: str) -> float:
-    script = (f"import ray\nray.init(address='{cluster.address}', logging_level='ERROR')\n"
-              f"print(ray.available_resources().get({resource!r}, 0.0))\n")
-    result = subprocess.run([sys.executable, "-c", script], env=cluster.client_env(), capture_output=True,
-                            text=True, timeout=120)
+    script = (
+        f"import ray\nray.init(address='{cluster.address}', logging_level='ERROR')\n"
+        f"print(ray.available_resources().get({resource!r}, 0.0))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=cluster.client_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def test_wait_follows_ctrl_c_leaves_the_job_and_cancel_works_from_another_shell(cluster):
+def test_wait_follows_ctrl_c_leaves_the_job_and_cancel_works_from_another_shell(cluster, faults):
     import os
     import signal
 
     # --wait stays until the job ends and reports it, like an embedded run.
     path = write_manifest(cluster, "waited", 3)
-    waited = farm(cluster, "submit", str(path), "--address", cluster.address, "--wait", "--format", "json",
-                  timeout=300)
+    waited = farm(cluster, "submit", str(path), "--address", cluster.address, "--wait", "--format", "json", timeout=300)
     assert waited.returncode == 0, waited.stderr
     summary = json.loads(waited.stdout)
     assert (summary["rendered"], summary["failed"], summary["state"]) == (3, 0, "finished")
 
     # Ctrl-C on a following client stops the following, not the job.
-    slow = json.dumps({"prompt_contains": "followed", "action": "slow", "hang_s": 3.0})
+    faults(Fault("followed", action="slow", hang_s=3.0))
     path = write_manifest(cluster, "followed", 8)
-    env = cluster.client_env(FARM_TEST_FAULTS=slow)
+    env = cluster.client_env()
     for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
         env.pop(key, None)
-    follower = subprocess.Popen([*FARM, "submit", str(path), "--address", cluster.address, "--wait"], env=env,
-                                cwd=cluster.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job_id = wait_until(lambda: next((j["job_id"] for j in farm_json(cluster, "jobs", "--address", cluster.address)
-                                      if j["campaign"] == "followed"), None), 120, "the followed job")
+    follower = subprocess.Popen(
+        [*FARM, "submit", str(path), "--address", cluster.address, "--wait"],
+        env=env,
+        cwd=cluster.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    job_id = wait_until(
+        lambda: next(
+            (
+                j["job_id"]
+                for j in farm_json(cluster, "jobs", "--address", cluster.address)
+                if j["campaign"] == "followed"
+            ),
+            None,
+        ),
+        120,
+        "the followed job",
+    )
     assert follower.poll() is None, "the job ended before the test could interrupt its client"
     os.kill(follower.pid, signal.SIGINT)
     _, stderr = follower.communicate(timeout=60)
     assert follower.returncode == 130
     assert f"stopped following; job {job_id} goes on on the cluster" in stderr
-    final = wait_until(lambda: (s := farm_json(cluster, "status", job_id, "--address", cluster.address))
-                       ["state"] == "finished" and s, 240, "the job to finish without its client")
+    final = wait_until(
+        lambda: (s := farm_json(cluster, "status", job_id, "--address", cluster.address))["state"] == "finished" and s,
+        240,
+        "the job to finish without its client",
+    )
     assert final["succeeded"] == 8
 
     # Cancelled from another shell: dispatch stops, the catalog says so, and submitting resumes.
-    slow = json.dumps({"prompt_contains": "cancelled", "action": "slow", "hang_s": 2.0})
+    faults(Fault("cancelled", action="slow", hang_s=2.0))
     path = write_manifest(cluster, "cancelled", 24)  # 16 s on 3 slots: far longer than a cancel takes
-    handed = farm_json(cluster, "submit", str(path), "--address", cluster.address, env={"FARM_TEST_FAULTS": slow})
-    wait_until(lambda: farm_json(cluster, "status", handed["job_id"], "--address", cluster.address)["succeeded"]
-               >= 1, 120, "the first clip")
+    handed = farm_json(cluster, "submit", str(path), "--address", cluster.address)
+    wait_until(
+        lambda: farm_json(cluster, "status", handed["job_id"], "--address", cluster.address)["succeeded"] >= 1,
+        120,
+        "the first clip",
+    )
     cancelled = farm(cluster, "cancel", handed["job_id"], "--address", cluster.address)
     assert cancelled.returncode == 0, cancelled.stderr
-    stopped = wait_until(lambda: (s := farm_json(cluster, "status", handed["job_id"], "--address", cluster.address))
-                         ["state"] == "cancelled" and s, 60, "the cancel")
+    stopped = wait_until(
+        lambda: (
+            (s := farm_json(cluster, "status", handed["job_id"], "--address", cluster.address))["state"] == "cancelled"
+            and s
+        ),
+        60,
+        "the cancel",
+    )
     assert 1 <= stopped["succeeded"] < 24
-    resumed = farm(cluster, "submit", str(path), "--address", cluster.address, "--wait", "--format", "json",
-                   timeout=300)
+    faults()  # the rest at full speed
+    resumed = farm(
+        cluster, "submit", str(path), "--address", cluster.address, "--wait", "--format", "json", timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["rendered"] == 24 - stopped["succeeded"] and summary["already_done"] >= stopped["succeeded"]

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from farm.manifest import expand, load_manifest
+from farm.expand import expand
+from farm.manifest import load_manifest
 from farm.render import Renderer, result_from_record
 from farm.storage import OutputTarget, sha256_file
 from farm.task import AttemptStatus

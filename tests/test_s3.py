@@ -13,8 +13,8 @@ from fsspec.implementations.arrow import ArrowFSWrapper
 from farm import api
 from farm.catalog import Catalog, catalog_filesystem
 from farm.errors import FarmError
+from farm.faults import Fault
 from farm.manifest import load_manifest
-from farm.render import TestFaults
 from farm.storage import OutputTarget, S3Sink, StorageOptions, open_sink
 
 pytestmark = pytest.mark.ray
@@ -59,7 +59,7 @@ def test_job_writes_clips_to_s3_with_checksums_matching_the_catalog(ray_local, f
 
 
 def test_server_stopped_mid_job_fails_clearly_then_resubmit_completes_without_duplicates(
-    ray_local, farm_home, write_manifest, s3
+    ray_local, farm_home, write_manifest, s3, faults
 ):
     manifest = write_manifest(JOB.replace("BUCKET", s3.bucket))
     stopped = []
@@ -70,8 +70,9 @@ def test_server_stopped_mid_job_fails_clearly_then_resubmit_completes_without_du
             stopped.append(progress.succeeded)
 
     # Clips take 0.8 s more each, so the server goes down while most of the job is still to do.
-    first = api.submit(manifest, workers=2, on_progress=stop_after_three,
-                       test_faults=TestFaults("clip", action="slow", hang_s=0.8))
+    faults(Fault("clip", action="slow", hang_s=0.8))
+    first = api.submit(manifest, workers=2, on_progress=stop_after_three)
+    faults()
     assert stopped
     # Known open question (see the closing note): now and then, under load, this first job's
     # summary counts fewer renders than the progress it reported; what must hold is checked
@@ -96,8 +97,10 @@ def test_server_stopped_mid_job_fails_clearly_then_resubmit_completes_without_du
 
 
 def test_multipart_upload_checksum_and_abort_of_incomplete_uploads(s3, tmp_path):
-    sink = S3Sink(f"s3://{s3.bucket}/big", StorageOptions(endpoint_url=s3.endpoint, multipart_threshold_mb=5,
-                                                            multipart_chunk_mb=5))
+    sink = S3Sink(
+        f"s3://{s3.bucket}/big",
+        StorageOptions(endpoint_url=s3.endpoint, multipart_threshold_mb=5, multipart_chunk_mb=5),
+    )
     payload = tmp_path / "big.bin"
     payload.write_bytes(bytes(range(256)) * (12 * 4096))  # 12 MiB: three parts
     stored = sink.put_file(payload, "clip.mp4")
@@ -109,8 +112,9 @@ def test_multipart_upload_checksum_and_abort_of_incomplete_uploads(s3, tmp_path)
     # A renderer killed mid-upload leaves an invisible multipart upload: the next submit aborts it.
     client = s3.client()
     upload = client.create_multipart_upload(Bucket=s3.bucket, Key="big/other.mp4")
-    client.upload_part(Bucket=s3.bucket, Key="big/other.mp4", UploadId=upload["UploadId"], PartNumber=1,
-                       Body=b"x" * (5 * 1024 * 1024))
+    client.upload_part(
+        Bucket=s3.bucket, Key="big/other.mp4", UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * (5 * 1024 * 1024)
+    )
     assert "big/other.mp4" not in objects(s3, "big/")
     assert sink.abort_incomplete({"other.mp4"}) == 1
     assert not client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads")

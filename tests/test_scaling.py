@@ -16,11 +16,11 @@ from farm.config import DEFAULT_SECONDS_PER_CLIP, SCALE_DOWN_IDLE_S
 from farm.scaling import (
     PoolScaling,
     ScalingDecision,
+    backlog_by_pool,
     decide,
     plan,
     renderers_to_release,
     resource_bundles,
-    route,
     widest,
 )
 from farm.task import Pool, Requirements
@@ -53,7 +53,10 @@ def ps(pool=L4, current=0, slots=1, lo=0, hi=8, clip_s=None, idle=0.0) -> PoolSc
 def test_backlog_to_workers(scaling, backlog, target, reason):
     decision, estimate = decide(scaling, backlog)
     assert (decision.pool, decision.current_workers, decision.target_workers) == (
-        scaling.pool.name, scaling.current_workers, target)
+        scaling.pool.name,
+        scaling.current_workers,
+        target,
+    )
     assert reason in decision.reason
     assert estimate.reachable and estimate.deadline_s is None
 
@@ -110,13 +113,18 @@ def test_deadline_finish_and_cost_arithmetic():
         # by 600 s at 60 s/clip l4 (max 8) finishes 80 and gpu24 (max 8) 80; the rest go to a100_80
         ({}, {Requirements(): 200}, 600, {"l4": 80, "gpu24": 80, "a100_80": 40}, 0),
         # the A100-only group is placed first; the flexible one spills around it
-        ({}, {Requirements(): 170, Requirements(gpu_type="A100"): 150}, 600,
-         {"l4": 80, "gpu24": 80, "a100_80": 160}, 0),
+        (
+            {},
+            {Requirements(): 170, Requirements(gpu_type="A100"): 150},
+            600,
+            {"l4": 80, "gpu24": 80, "a100_80": 160},
+            0,
+        ),
     ],
 )
-def test_route(by_pool, by_needs, deadline_s, expected, unroutable):
+def test_backlog_by_pool(by_pool, by_needs, deadline_s, expected, unroutable):
     pools = [ps(A100, slots=8, hi=2, clip_s=60), ps(L4, clip_s=60), ps(A10G, clip_s=60)]
-    assert route(pools, by_pool, by_needs, deadline_s) == (expected, unroutable)
+    assert backlog_by_pool(pools, by_pool, by_needs, deadline_s) == (expected, unroutable)
 
 
 def test_plan_deadline_spill_is_reachable_and_bundles():
@@ -165,8 +173,11 @@ def test_jobs_without_a_deadline_are_not_slowed_by_one_with_a_relaxed_deadline()
         ([(f"s{i}", "big", i != 3) for i in range(8)], 0, []),
         ([(f"s{i}", "big", True) for i in range(8)], 0, [f"s{i}" for i in range(8)]),
         # Keep 8 of 16 slots: one whole idle node goes, the other stays.
-        ([(f"a{i}", "n1", True) for i in range(8)] + [(f"b{i}", "n2", True) for i in range(8)], 8,
-         [f"a{i}" for i in range(8)]),
+        (
+            [(f"a{i}", "n1", True) for i in range(8)] + [(f"b{i}", "n2", True) for i in range(8)],
+            8,
+            [f"a{i}" for i in range(8)],
+        ),
         ([(f"a{i}", "n1", True) for i in range(8)], 3, []),  # freeing 5 slots of a node frees no node
         ([("a", "", True), ("b", "", True)], 0, ["a", "b"]),  # node not known yet: each stands alone
     ],
@@ -176,8 +187,11 @@ def test_only_whole_idle_nodes_are_released(renderers, keep, released):
 
 
 def test_bundles_follow_targets_and_empty_withdraws():
-    decisions = [ScalingDecision("l4", 0, 3, "", 1), ScalingDecision("a100_80", 1, 1, "", 8),
-                 ScalingDecision("gpu24", 2, 0, "", 1)]
+    decisions = [
+        ScalingDecision("l4", 0, 3, "", 1),
+        ScalingDecision("a100_80", 1, 1, "", 8),
+        ScalingDecision("gpu24", 2, 0, "", 1),
+    ]
     assert resource_bundles(decisions) == [{"farm_pool:l4": 1}] * 3 + [{"farm_pool:a100_80": 1}] * 8
     idle = plan([ps(current=3, idle=SCALE_DOWN_IDLE_S)])
     assert resource_bundles(idle) == []  # request nothing: idle nodes go after their timeout
@@ -190,8 +204,10 @@ def test_pool_resource_name_matches_cluster():
     assert SCALING_POOL_RESOURCE == POOL_RESOURCE
 
 
-@pytest.mark.parametrize("kwargs", [{"slots_per_worker": 0}, {"min_workers": 3, "max_workers": 2},
-                                    {"seconds_per_clip": 0.0}, {"min_workers": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"slots_per_worker": 0}, {"min_workers": 3, "max_workers": 2}, {"seconds_per_clip": 0.0}, {"min_workers": -1}],
+)
 def test_pool_scaling_rejects_nonsense(kwargs):
     base = {"pool": L4, "current_workers": 0, "max_workers": 2} | kwargs
     with pytest.raises(ValueError):
@@ -217,9 +233,23 @@ def _manifest(tmp_path: Path, deadline: str, clips: int = 360) -> Path:
 
 
 def _plan_json(manifest: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "farm.cli", "plan", str(manifest), "--cluster-config",
-                             str(ROOT / "cluster.yaml"), "--format", "json"],
-                            capture_output=True, text=True, timeout=120, env=os.environ)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "farm.cli",
+            "plan",
+            str(manifest),
+            "--cluster-config",
+            str(ROOT / "cluster.yaml"),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -233,7 +263,8 @@ def test_plan_sizes_cluster_yaml_pools_for_a_deadline_at_the_stated_default(farm
     assert pools["l4"]["tasks"] == 360 and pools["l4"]["workers"] == 3  # ceil(360 * 60 / 7200)
     assert pools["gpu24"]["workers"] == 0 and pools["a100_80"]["workers"] == 0
     assert relaxed["scaling"]["reachable"] and relaxed["scaling"]["cost_dollars"] == pytest.approx(
-        3 * 2 * 0.80)  # 3 L4 slots for 2 h at $0.80/h
+        3 * 2 * 0.80
+    )  # 3 L4 slots for 2 h at $0.80/h
     assert "at 60s/clip" in pools["l4"]["reason"]
 
     tight = _plan_json(_manifest(tmp_path, "30m"))["scaling"]
@@ -248,7 +279,8 @@ def test_plan_sizes_cluster_yaml_pools_for_a_deadline_at_the_stated_default(farm
 
 def test_plan_uses_measured_render_times(farm_home, tmp_path):
     from farm import api
-    from farm.catalog import Catalog, JobRecord, attempt_row
+    from farm.catalog import Catalog, JobRecord
+    from farm.records import attempt_row
     from farm.task import AttemptStatus, Result, Timings
 
     manifest = _manifest(tmp_path, "1h")
@@ -257,15 +289,64 @@ def test_plan_uses_measured_render_times(farm_home, tmp_path):
     # Ten clips of this model were rendered before, 12 s each (render + encode + write).
     catalog = Catalog(farm_home / "catalog")
     earlier = before.tasks[:10]
-    catalog.record_job(JobRecord("earlier", "deadline-test", datetime.now(UTC), "me", "host", str(manifest), "sha",
-                                 "yaml", "tiny", before.manifest.output, 2, tuple(t.task_id for t in earlier), "0"))
+    catalog.record_job(
+        JobRecord(
+            "earlier",
+            "deadline-test",
+            datetime.now(UTC),
+            "me",
+            "host",
+            str(manifest),
+            "sha",
+            "yaml",
+            "tiny",
+            before.manifest.target.uri,
+            2,
+            tuple(t.task_id for t in earlier),
+            "0",
+        )
+    )
     with catalog.writer("earlier") as writer:
         for t in earlier:
-            done = Result(t.task_id, 1, AttemptStatus.SUCCEEDED, output_uri=f"/x/{t.task_id}.mp4",
-                          timings=Timings(load_s=30.0, generate_s=10.0, encode_s=1.5, write_s=0.5))
-            writer.add(attempt_row(t, done, before.manifest.output, final=True))
+            done = Result(
+                t.task_id,
+                1,
+                AttemptStatus.SUCCEEDED,
+                output_uri=f"/x/{t.task_id}.mp4",
+                timings=Timings(load_s=30.0, generate_s=10.0, encode_s=1.5, write_s=0.5),
+            )
+            writer.add(attempt_row(t, done, before.manifest.target.uri, final=True))
     after = api.plan(manifest, cluster_config=ROOT / "cluster.yaml")
     assert len(after.to_render) == 350  # what is done is not planned again
     l4 = {e.pool: e for e in after.scaling.estimates}["l4"]
     assert l4.workers == 2 and l4.backlog == 350  # ceil(350 * 12 s / 3600 s); the model load is not per clip
     assert "at 12s/clip" in {d.pool: d.reason for d in after.scaling.decisions}["l4"]
+
+
+def test_autoscaling_state_across_turns():
+    """The controller's scaling state: requests what the backlog needs once (a request stands),
+    keeps the nodes through a short lull, lets them go after the grace, and measures clip time."""
+    from farm.cluster import NodeType, PoolCapacity
+    from farm.scaling import Autoscaling
+
+    burst = Pool("burst", "H200", 141, 9.0)
+    scaling = Autoscaling([NodeType("burst", burst, 1, 0, 2)], started=0.0)
+    heavy = {Requirements(min_vram_gb=100): 4}
+    scaling.update({}, 1.0, running={}, queued=heavy)
+    assert scaling.targets() == {"burst": 2} and scaling.scaled_down() == []
+    assert scaling.new_request() == [{"farm_pool:burst": 1}] * 2
+    scaling.requested = scaling.new_request()
+    assert scaling.new_request() is None  # asked already
+    two_nodes = {"burst": PoolCapacity(burst, 2, ("n1", "n2"), 1.0)}
+    # A renderer still rendering or loading keeps the pool busy, whatever the queue says.
+    scaling.update(two_nodes, 500.0, running={}, queued={}, busy_pools={"burst"})
+    scaling.update(two_nodes, 510.0, running={}, queued={})
+    assert scaling.targets() == {"burst": 2} and scaling.scaled_down() == [("burst", 2)]
+    scaling.update(two_nodes, 500.0 + SCALE_DOWN_IDLE_S + 1, running={}, queued={})
+    assert scaling.scaled_down() == [("burst", 0)] and scaling.new_request() == []  # withdrawn
+    assert scaling.seconds_per_clip("burst") is None
+    scaling.record_clip("burst", 30.0)
+    scaling.record_clip("burst", 50.0)
+    assert scaling.seconds_per_clip("burst") == 40.0
+    assert scaling.pool_scalings(two_nodes, 0.0)[0].seconds_per_clip == 40.0
+    assert scaling.status()["backlog"] == {"burst": 0} and scaling.status()["node_types"][0]["name"] == "burst"

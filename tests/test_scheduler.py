@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+from farm.routing import fitting_pools, pools_fitting_any
 from farm.scheduler import Backoff, JobLimits, Outcome, Scheduler
 from farm.task import ModelRef, Pool, RenderSettings, Requirements, Task
 
@@ -67,6 +68,21 @@ def test_tasks_go_only_to_pools_that_fit_and_cheapest_first():
     log = run_to_end(s)
     assert all(d.slot == "b1" for d in log if d.task.task_id.startswith("heavy"))
     assert log[0].slot == "s1" and log[0].task.task_id.startswith("light")  # cheap pool filled first
+
+
+def test_routing_is_cheapest_first_then_by_name_and_the_same_for_every_caller():
+    l4, a10g = Pool("l4", "L4", 24, cost_per_hour=0.8), Pool("a10g", "A10G", 24, cost_per_hour=0.8)
+    cpu, h100 = Pool("cpu"), Pool("h100", "H100", 80, cost_per_hour=4.0)
+    pools = [h100, l4, cpu, a10g]
+    assert fitting_pools(pools, Requirements()) == [cpu, a10g, l4, h100]  # cpu has no VRAM limit
+    assert fitting_pools(pools, Requirements(gpu_type="l4")) == [l4]  # GPU types match whatever the case
+    assert fitting_pools(pools, Requirements(min_vram_gb=40)) == [cpu, h100]
+    assert fitting_pools(pools, Requirements(pool="h100", min_vram_gb=40)) == [h100]
+    assert fitting_pools(reversed(pools), Requirements()) == fitting_pools(pools, Requirements())
+    assert pools_fitting_any(pools, [Requirements(gpu_type="H100"), Requirements(gpu_type="L4")]) == [l4, h100]
+    assert pools_fitting_any(pools, []) == []
+    s = scheduler_with({"l": l4, "a": a10g, "h": h100})
+    assert s.routes(Requirements(min_vram_gb=10)) == [a10g, l4, h100]  # the pools it knows, routed the same way
 
 
 def test_higher_priority_first_and_equal_priorities_share_fairly():

@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from farm import api
-from farm.render import TestFaults
+from farm.faults import Fault
 from farm.storage import sha256_file
 from farm.video import probe
 
@@ -36,8 +36,7 @@ def attempts_table(farm_home: Path):
     return ds.dataset(farm_home / "catalog" / "attempts", format="parquet", partitioning="hive").to_table()
 
 
-def test_job_renders_every_clip_once_per_task_with_one_model_load_per_renderer(ray_local, farm_home,
-                                                                                write_manifest):
+def test_job_renders_every_clip_once_per_task_with_one_model_load_per_renderer(ray_local, farm_home, write_manifest):
     manifest = write_manifest(SMALL)
     outcome = api.submit(manifest, workers=2)
     assert outcome.run is not None
@@ -75,17 +74,22 @@ def test_job_renders_every_clip_once_per_task_with_one_model_load_per_renderer(r
 
     # The catalog is plain Parquet: duckdb reads it as it lies.
     glob = str(farm_home / "catalog" / "attempts" / "*" / "*.parquet")
-    count, total_bytes = duckdb.connect().execute(
-        f"select count(*), sum(bytes) from read_parquet('{glob}', hive_partitioning=true) "
-        f"where status = 'succeeded' and job_id = '{outcome.job_id}'"
-    ).fetchone()
+    count, total_bytes = (
+        duckdb.connect()
+        .execute(
+            f"select count(*), sum(bytes) from read_parquet('{glob}', hive_partitioning=true) "
+            f"where status = 'succeeded' and job_id = '{outcome.job_id}'"
+        )
+        .fetchone()
+    )
     assert count == 6 and total_bytes == sum(r["bytes"] for r in rows)
 
 
-def test_failures_are_retried_then_recorded_and_the_job_goes_on(ray_local, farm_home, write_manifest):
+def test_failures_are_retried_then_recorded_and_the_job_goes_on(ray_local, farm_home, write_manifest, faults):
     manifest = write_manifest(SMALL)
     # "shoe" tasks fail on their first attempt only; "hat" tasks fail on every attempt.
-    flaky = api.submit(manifest, workers=2, test_faults=TestFaults("shoe", fail_attempts=1))
+    faults(Fault("shoe", fail_attempts=1))
+    flaky = api.submit(manifest, workers=2)
     assert (flaky.run.succeeded, flaky.run.failed, flaky.run.attempts) == (6, 0, 8)
     rows = attempts_table(farm_home).to_pylist()
     shoe = sorted((r["attempt"], r["status"], r["final"]) for r in rows if "shoe" in r["prompt"])
@@ -93,9 +97,10 @@ def test_failures_are_retried_then_recorded_and_the_job_goes_on(ray_local, farm_
     assert all("injected test fault" in r["error"] for r in rows if r["status"] == "failed")
 
 
-def test_a_task_failing_every_attempt_ends_failed_with_its_error(ray_local, farm_home, write_manifest):
+def test_a_task_failing_every_attempt_ends_failed_with_its_error(ray_local, farm_home, write_manifest, faults):
     manifest = write_manifest(SMALL.replace("retries: 2", "retries: 1"))
-    outcome = api.submit(manifest, workers=2, test_faults=TestFaults("hat"))
+    faults(Fault("hat"))
+    outcome = api.submit(manifest, workers=2)
     assert (outcome.run.succeeded, outcome.run.failed, outcome.run.attempts) == (4, 2, 8)
     status = api.status(outcome.job_id)
     assert status.counts == {"succeeded": 4, "failed": 2, "pending": 0}
@@ -105,6 +110,7 @@ def test_a_task_failing_every_attempt_ends_failed_with_its_error(ray_local, farm
     assert all("injected test fault (attempt 2)" in r["error"] for r in failed)
 
     # Resubmitting retries only the failed tasks.
+    faults()
     again = api.submit(manifest, workers=1)
     assert (len(again.plan.done), again.run.succeeded) == (4, 2)
     per_task = Counter(r["task_id"] for r in attempts_table(farm_home).to_pylist() if r["status"] == "succeeded")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -13,7 +14,7 @@ from farm.config import HUB_CONNECT_TIMEOUT_S, models_dir
 from farm.errors import ModelError
 from farm.models.fake import FAKE_SPEC, fake_pipeline
 from farm.models.tiny import TINY_ROPE_MAX_SEQ_LEN, TINY_VERSION, ensure_tiny_model
-from farm.task import ModelRef
+from farm.task import ModelKind, ModelRef, RenderSettings
 
 BUILTIN_MODELS = ("tiny",)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -67,10 +68,10 @@ def resolve_model(spec: str, base_dir: Path) -> ModelRef:
     """Turn ``model:`` into a ModelRef. Relative paths are relative to the manifest's folder."""
     spec = spec.strip()
     if FAKE_SPEC.match(spec):
-        return ModelRef(spec, "fake", spec, f"fake:{spec}", "FakePipeline")
+        return ModelRef(spec, ModelKind.FAKE, spec, f"fake:{spec}", "FakePipeline")
     if spec in BUILTIN_MODELS:
         location = str(models_dir() / f"tiny-wan-{TINY_VERSION}")
-        return ModelRef(spec, "builtin", location, f"builtin:tiny-wan-{TINY_VERSION}", "WanPipeline")
+        return ModelRef(spec, ModelKind.BUILTIN, location, f"builtin:tiny-wan-{TINY_VERSION}", "WanPipeline")
     path = Path(spec).expanduser()
     if not path.is_absolute():
         path = base_dir / path
@@ -96,8 +97,8 @@ def resolve_model(spec: str, base_dir: Path) -> ModelRef:
                 field="model",
                 hint="use one of: " + ", ".join(TEXT_TO_VIDEO_PIPELINES),
             )
-        return ModelRef(spec, "local", str(path.resolve()), f"local:{_directory_fingerprint(path)}", family)
-    return ModelRef(spec, "hub", spec, f"hub:{spec}", _cached_hub_family(spec) or "unknown")
+        return ModelRef(spec, ModelKind.LOCAL, str(path.resolve()), f"local:{_directory_fingerprint(path)}", family)
+    return ModelRef(spec, ModelKind.HUB, spec, f"hub:{spec}", _cached_hub_family(spec) or "unknown")
 
 
 def _pipeline_class(index: Path) -> str:
@@ -133,16 +134,16 @@ def _cached_hub_family(hub_id: str) -> str | None:
 
 
 def constraints_for(model: ModelRef) -> ModelConstraints:
-    if model.kind == "fake":
+    if model.kind is ModelKind.FAKE:
         return ModelConstraints(spatial_multiple=2)
-    if model.kind == "builtin":
+    if model.kind is ModelKind.BUILTIN:
         return ModelConstraints(
             spatial_multiple=16,
             max_side=TINY_ROPE_MAX_SEQ_LEN * 16,
             frame_step=4,
             max_frames=TINY_ROPE_MAX_SEQ_LEN * 4 + 1,
         )
-    if model.family == "WanPipeline" and model.kind == "local":
+    if model.family == "WanPipeline" and model.kind is ModelKind.LOCAL:
         return _wan_constraints(Path(model.location))
     if model.family == "WanPipeline":
         return ModelConstraints(spatial_multiple=16, frame_step=4)
@@ -169,17 +170,19 @@ def _wan_constraints(path: Path) -> ModelConstraints:
     )
 
 
-def estimate_vram_gb(model: ModelRef, settings) -> float:
+def estimate_vram_gb(model: ModelRef, settings: RenderSettings) -> float:
     """A rough GPU-memory need for a clip, for routing when the manifest states none: the
     weights (as bf16) plus activations that grow with width × height × frames."""
-    if model.kind in ("builtin", "fake"):
+    if model.kind in (ModelKind.BUILTIN, ModelKind.FAKE):
         return 0.0
-    weights_gb = 0.0
-    if model.kind == "local":
-        total = sum(p.stat().st_size for p in Path(model.location).rglob("*.safetensors"))
-        weights_gb = total / 2**30
+    weights_gb = _weights_gb(model.location) if model.kind is ModelKind.LOCAL else 0.0
     pixels_frames = settings.width * settings.height * settings.frames
     return round(weights_gb + 2.0 + pixels_frames * 2.5e-7, 1)
+
+
+@functools.cache
+def _weights_gb(location: str) -> float:
+    return sum(p.stat().st_size for p in Path(location).rglob("*.safetensors")) / 2**30
 
 
 def _hub_reachable() -> bool:
@@ -192,7 +195,7 @@ def _hub_reachable() -> bool:
 
 def load_pipeline(model: ModelRef, device: str, dtype_name: str = "auto"):
     """Load the diffusers pipeline for ``model`` onto ``device``. Imports torch and diffusers."""
-    if model.kind == "fake":
+    if model.kind is ModelKind.FAKE:
         return fake_pipeline(model.spec)
     import torch
     from diffusers import DiffusionPipeline
@@ -205,22 +208,21 @@ def load_pipeline(model: ModelRef, device: str, dtype_name: str = "auto"):
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     if dtype_name == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") and model.kind != "builtin" else torch.float32
+        dtype = torch.bfloat16 if device.startswith("cuda") and model.kind is not ModelKind.BUILTIN else torch.float32
     else:
         dtype = getattr(torch, dtype_name)
     source = model.location
     kwargs: dict = {_dtype_keyword(): dtype}
-    if model.kind == "builtin":
+    if model.kind is ModelKind.BUILTIN:
         source = str(ensure_tiny_model(Path(model.location).parent))
-    elif model.kind == "hub":
+    elif model.kind is ModelKind.HUB:
         try:
             pipeline = DiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
             return _prepare(pipeline, device)
         except (OSError, ValueError):
             if not _hub_reachable():
                 raise ModelError(
-                    f"model {model.spec!r} is not in the local Hugging Face cache and {HUB_HOST} cannot "
-                    f"be reached",
+                    f"model {model.spec!r} is not in the local Hugging Face cache and {HUB_HOST} cannot be reached",
                     field="model",
                     hint="download it where there is network (huggingface-cli download) and set "
                     "model: to that local directory",

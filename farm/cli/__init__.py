@@ -1,0 +1,66 @@
+"""The `farm` command: parse arguments, call farm.api, show the answer. No logic of its own.
+
+Exit codes: 0 everything succeeded, 1 some tasks failed, 2 bad input (one line on stderr),
+130 interrupted.
+
+One module per command group, each registering its commands on the shared app (common.app):
+planning (validate, plan), submit (submit, cancel), cluster (pools; the cluster sub-app),
+jobs (jobs, status), results, catalog and monitor (sub-apps). They import farm.api and anything
+heavier inside the command, so that `farm --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+# isort: off
+# The command modules register their commands as they are imported: this order is the order of `farm --help`.
+from farm.cli import planning, submit, cluster, jobs, results  # noqa: F401
+
+# isort: on
+from farm.cli.catalog import catalog_app
+from farm.cli.cluster import cluster_app
+from farm.cli.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, app, err, stdout
+from farm.cli.monitor import monitor_app
+from farm.config import check_environment
+from farm.errors import FarmError
+
+__all__ = ["app", "main"]
+
+# Sub-apps come after the commands in `farm --help`, in this order.
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(monitor_app, name="monitor")
+app.add_typer(cluster_app, name="cluster")
+
+# typer ≥ 0.2x vendors click and raises its own exception types; older releases raise click's.
+if hasattr(typer, "TyperException"):
+    _USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+else:  # pragma: no cover - older typer
+    import click
+
+    _USAGE_ERRORS = (click.ClickException,)
+
+
+def main() -> None:
+    stdout.real, sys.stdout = sys.stdout, sys.stderr
+    try:
+        check_environment()  # a bad FARM_* value is one line here, not a surprise mid-job
+        # Without standalone mode click hands back typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+    except FarmError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
+        err.print("interrupted: finished clips are catalogued; submit the manifest again to resume", markup=False)
+        sys.exit(EXIT_INTERRUPTED)
+    except _USAGE_ERRORS as exc:  # bad arguments: one line, not click's usage box
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx else "farm"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"error: {message} — see '{command} --help'", markup=False, highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
