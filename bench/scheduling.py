@@ -2,12 +2,19 @@
 ray.util.ActorPool, on the same local Ray, the same workers (farm's Renderer) and the same tasks.
 
 Workloads: (a) ``fake:sleep-50ms`` — a fake model, named as such, that sleeps 50 ms per clip
-(then the clip is encoded and written like any other); (b) the real tiny Wan model.
-Efficiency = (sum of task busy time / workers) / makespan, where busy time is what the worker
-spent on a task (generate + encode + write) and makespan runs from the first task's start to the
-last task's end, for all three alike. Also measured for farm: driver and controller CPU seconds
-per task, the controller's memory, a large queue on the no-op fake model, and re-submitting a
-finished job. Writes bench/results/scheduling-<timestamp>.json.
+(then the clip is encoded and written like any other); (b) the real tiny Wan model (64x64, 9
+frames, 4 steps). Each system runs each workload ``--runs`` times, alternating (the order of the
+systems rotates every run), and the median is reported.
+
+Figures: makespan, from the first task's start to the last task's end, for all three alike;
+makespan ÷ ideal, where ideal = the time per task of one Renderer rendering in this process with
+no scheduler at all × tasks ÷ workers; farm's makespan ÷ the best of the other two; busy-time
+efficiency ((sum of generate + encode + write) / workers / makespan) as a secondary figure; and
+for farm the controller's CPU per task (the controller actor's process, from /proc), split into
+admission (until submit returns) and the run after it, and the submitting driver's CPU per task.
+The ActorPool's driver CPU per task is reported beside it: the same Ray calls per task with no
+scheduler around them. Optionally (``--big-queue``) farm alone on a large queue of the no-op fake
+model: controller CPU per task and memory. Writes bench/results/scheduling-<timestamp>.json (schema in README.md).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +33,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS = 2
+SYSTEMS = ("farm", "ray_data", "actor_pool")
+WORKLOADS = {  # label → (model, size WxHxF)
+    "a_sleep_50ms": ("fake:sleep-50ms", "16x16x1"),
+    "b_tiny_wan": ("tiny", "64x64x9"),
+}
 
 
 def proc_stats(pid: int) -> dict:
@@ -39,56 +52,30 @@ def proc_stats(pid: int) -> dict:
     return {"cpu_s": (int(fields[11]) + int(fields[12])) / ticks, "rss_mb": rss_kb / 1024}
 
 
-def write_manifest(folder: Path, name: str, model: str, count: int, size: str) -> Path:
+def write_manifest(folder: Path, name: str, model: str, count: int, size: str, output: Path | None = None) -> Path:
     w, h, f = size.split("x")
     path = folder / f"{name}.yaml"
     path.write_text(
-        f"campaign: {name}\nmodel: '{model}'\nprompt: 'bench {name}'\n"
+        f"campaign: {name}\nmodel: '{model}'\nprompt: 'bench'\n"
         f"render: {{width: {w}, height: {h}, frames: {f}, steps: 4}}\n"
-        f"seeds: {{count: {count}}}\nretries: 0\n"
+        f"seeds: {{count: {count}}}\nretries: 0\n" + (f"output: '{output}'\n" if output else "")
     )
     return path
 
 
-def efficiency(results) -> dict:
+def timing(tasks: int, makespan: float, busy: float) -> dict:
+    return {
+        "tasks": tasks,
+        "makespan_s": round(makespan, 3),
+        "busy_s": round(busy, 3),
+        "efficiency": round(busy / WORKERS / makespan, 4),
+    }
+
+
+def from_results(results) -> dict:
     busy = sum(r.timings.generate_s + r.timings.encode_s + r.timings.write_s for r in results)
     makespan = max(r.finished_at for r in results) - min(r.started_at for r in results)
-    return {
-        "tasks": len(results),
-        "makespan_s": round(makespan, 3),
-        "busy_s": round(busy, 3),
-        "efficiency": round(busy / WORKERS / makespan, 4),
-    }
-
-
-def run_farm(manifest: Path) -> dict:
-    import ray
-
-    from farm import api
-    from farm.catalog import Catalog
-    from farm.controller import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
-
-    controller = get_or_start_controller(os.environ["FARM_CATALOG"])
-    pid = ray.get(controller.ping.remote())["pid"]
-    before, driver_before = proc_stats(pid), time.process_time()
-    outcome = api.submit(manifest)
-    after, driver_after = proc_stats(pid), time.process_time()
-    rows = Catalog(os.environ["FARM_CATALOG"]).attempts(outcome.job_id).to_pylist()
-    busy = sum(r["generate_s"] + r["encode_s"] + r["write_s"] for r in rows)
-    makespan = (max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)).total_seconds()
-    n = len(rows)
-    out = {
-        "tasks": n,
-        "makespan_s": round(makespan, 3),
-        "busy_s": round(busy, 3),
-        "efficiency": round(busy / WORKERS / makespan, 4),
-        "controller_cpu_ms_per_task": round((after["cpu_s"] - before["cpu_s"]) / n * 1000, 3),
-        "driver_cpu_ms_per_task": round((driver_after - driver_before) / n * 1000, 3),
-        "controller_rss_mb": round(after["rss_mb"], 1),
-    }
-    ray.get(controller.shutdown.remote())
-    ray.kill(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE), no_restart=True)
-    return out
+    return timing(len(results), makespan, busy)
 
 
 def tasks_of(manifest: Path):
@@ -97,6 +84,59 @@ def tasks_of(manifest: Path):
 
     mf = load_manifest(manifest)
     return mf, expand(mf).tasks
+
+
+def ideal_seconds_per_task(manifest: Path, out_dir: Path, sample: int) -> float:
+    """One Renderer in this process, no scheduler and no Ray call: wall seconds per task (after
+    one warm-up render), on the workers' thread count."""
+    from farm.render import Renderer
+    from farm.storage import OutputTarget
+
+    mf, tasks = tasks_of(manifest)
+    renderer = Renderer(mf.model, None, 1)
+    target = OutputTarget(str(out_dir))
+    renderer.render(tasks[0], 1, target)
+    started = time.perf_counter()
+    for task in tasks[1 : sample + 1]:
+        renderer.render(task, 1, target)
+    return (time.perf_counter() - started) / sample
+
+
+def run_farm(manifest: Path) -> dict:
+    """One job through farm's controller (started fresh on this run's catalog, as a user's first
+    submit starts it), with its CPU measured from /proc."""
+    import ray
+
+    from farm import api
+    from farm.catalog import Catalog
+    from farm.controller import get_or_start_controller
+
+    controller = get_or_start_controller(os.environ["FARM_CATALOG"])
+    pid = ray.get(controller.ping.remote())["pid"]
+    admitted: dict = {}
+
+    def on_progress(_progress) -> None:  # first called as soon as the controller took the job
+        admitted.setdefault("cpu_s", proc_stats(pid)["cpu_s"])
+
+    before, driver_before = proc_stats(pid), time.process_time()
+    outcome = api.submit(manifest, on_progress=on_progress)
+    after, driver_after = proc_stats(pid), time.process_time()
+    rows = Catalog(os.environ["FARM_CATALOG"]).attempts(outcome.job_id).to_pylist()
+    busy = sum(r["generate_s"] + r["encode_s"] + r["write_s"] for r in rows)
+    makespan = (max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)).total_seconds()
+    n = len(rows)
+    out = timing(n, makespan, busy)
+    admitted_cpu = admitted.get("cpu_s", before["cpu_s"])
+    out.update(
+        controller_cpu_ms_per_task=round((after["cpu_s"] - before["cpu_s"]) / n * 1000, 3),
+        controller_admission_cpu_ms_per_task=round((admitted_cpu - before["cpu_s"]) / n * 1000, 3),
+        controller_run_cpu_ms_per_task=round((after["cpu_s"] - admitted_cpu) / n * 1000, 3),
+        driver_cpu_ms_per_task=round((driver_after - driver_before) / n * 1000, 3),
+        controller_rss_mb=round(after["rss_mb"], 1),
+    )
+    ray.get(controller.shutdown.remote())
+    ray.kill(controller, no_restart=True)
+    return out
 
 
 def run_actor_pool(manifest: Path, out_dir: Path) -> dict:
@@ -111,10 +151,12 @@ def run_actor_pool(manifest: Path, out_dir: Path) -> dict:
     actors = [ray.remote(Renderer).options(num_cpus=1).remote(mf.model, None, 1) for _ in range(WORKERS)]
     ray.get([a.info.remote() for a in actors])
     pool = ActorPool(actors)
+    driver_before = time.process_time()
     results = list(pool.map_unordered(lambda a, t: a.render.remote(t, 1, target), tasks))
+    driver_s = time.process_time() - driver_before
     for a in actors:
         ray.kill(a)
-    return efficiency(results)
+    return {**from_results(results), "driver_cpu_ms_per_task": round(driver_s / len(results) * 1000, 3)}
 
 
 def run_ray_data(manifest: Path, out_dir: Path) -> dict:
@@ -144,70 +186,85 @@ def run_ray_data(manifest: Path, out_dir: Path) -> dict:
     # Half a CPU each, so Ray Data's read tasks still find a CPU beside the two workers (with a
     # whole CPU each they would wait forever on this 2-CPU cluster).
     rows = dataset.map_batches(RenderBatch, batch_size=1, concurrency=WORKERS, num_cpus=0.5).take_all()
-    return efficiency([result_from_record(json.loads(r["result"])) for r in rows])
+    return from_results([result_from_record(json.loads(r["result"])) for r in rows])
+
+
+def run_once(system: str, folder: Path, name: str, model: str, count: int, size: str) -> dict:
+    """One run of one system, into its own output folder (and for farm its own catalog: a second
+    run must render again, not find the first one's clips done)."""
+    out_dir = folder / f"{name}-out"
+    manifest = write_manifest(folder, name, model, count, size, output=out_dir if system == "farm" else None)
+    if system == "farm":
+        os.environ["FARM_CATALOG"] = str(folder / f"{name}-catalog")
+        return run_farm(manifest)
+    return run_ray_data(manifest, out_dir) if system == "ray_data" else run_actor_pool(manifest, out_dir)
+
+
+def medians(runs: list[dict]) -> dict:
+    return {key: round(statistics.median(r[key] for r in runs), 4) for key in runs[0] if key != "tasks"}
+
+
+def workload(label: str, count: int, runs: int, folder: Path) -> dict:
+    """Every system ``runs`` times, alternating (the order rotates each run); medians and ratios."""
+    model, size = WORKLOADS[label]
+    sample = min(count - 1, 40 if model.startswith("fake") else 20)
+    ideal_task_s = ideal_seconds_per_task(
+        write_manifest(folder, f"{label}-ideal", model, sample + 1, size), folder / f"{label}-ideal-out", sample
+    )
+    ideal_s = ideal_task_s * count / WORKERS
+    per_run: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+    for i in range(runs):
+        for system in SYSTEMS[i % 3 :] + SYSTEMS[: i % 3]:
+            result = run_once(system, folder, f"{label}-{system}-{i}".replace("_", "-"), model, count, size)
+            result["makespan_vs_ideal"] = round(result["makespan_s"] / ideal_s, 4)
+            per_run[system].append(result)
+            print(label, system, i, json.dumps(result), flush=True)
+    summary = {system: medians(results) for system, results in per_run.items()}
+    best_other = min(summary["ray_data"]["makespan_s"], summary["actor_pool"]["makespan_s"])
+    return {
+        "tasks": count,
+        "ideal_s_per_task": round(ideal_task_s, 5),
+        "ideal_makespan_s": round(ideal_s, 3),
+        "median": summary,
+        "farm_vs_best_other": round(summary["farm"]["makespan_s"] / best_other, 4),
+        "runs": per_run,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sleep-tasks", type=int, default=2000)
-    parser.add_argument("--tiny-tasks", type=int, default=400)
-    parser.add_argument("--big-queue", type=int, default=100_000, help="tasks of the no-op queue test (0: skip)")
-    parser.add_argument("--resubmit", type=int, default=10_000, help="tasks of the re-submit test (0: skip)")
+    parser.add_argument("--sleep-tasks", type=int, default=2000, help="tasks of workload (a) (0: skip)")
+    parser.add_argument("--tiny-tasks", type=int, default=400, help="tasks of workload (b) (0: skip)")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs per system and workload")
+    parser.add_argument("--big-queue", type=int, default=0, help="tasks of a farm job on the no-op model (0: skip)")
+    parser.add_argument("--label", default="", help="what code this run measures (kept in the results)")
     args = parser.parse_args()
     import ray
 
     results: dict = {
         "benchmark": "scheduling",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg()},
         "workers": WORKERS,
+        "runs": args.runs,
+        "label": args.label,
     }
     with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
         folder = Path(tmp)
         os.environ["FARM_HOME"] = str(folder / "home")
-        os.environ["FARM_CATALOG"] = str(folder / "home" / "catalog")
-        ray.init(num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-        for label, model, count, size in (
-            ("a_sleep_50ms", "fake:sleep-50ms", args.sleep_tasks, "16x16x1"),
-            ("b_tiny_wan", "tiny", args.tiny_tasks, "64x64x9"),
-        ):
-            if not count:
-                continue
-            manifest = write_manifest(folder, label.replace("_", "-"), model, count, size)
-            results[label] = {
-                "farm": run_farm(manifest),
-                "ray_data": run_ray_data(manifest, folder / f"{label}-data"),
-                "actor_pool": run_actor_pool(manifest, folder / f"{label}-pool"),
-            }
-            print(label, json.dumps(results[label]), flush=True)
-        if args.resubmit:
-            from farm import api
-
-            manifest = write_manifest(folder, "resubmit", "fake:noop", args.resubmit, "16x16x1")
-            first = time.perf_counter()
-            api.submit(manifest)
-            first_s = time.perf_counter() - first
-            again = time.perf_counter()
-            outcome = api.submit(manifest)
-            results["resubmit_finished_job"] = {
-                "tasks": args.resubmit,
-                "first_submit_s": round(first_s, 2),
-                "resubmit_s": round(time.perf_counter() - again, 2),
-                "rendered_again": outcome.run.succeeded if outcome.run else 0,
-            }
-            print("resubmit", json.dumps(results["resubmit_finished_job"]), flush=True)
-        if args.big_queue:
-            from farm import api
-
-            manifest = write_manifest(folder, "bigqueue", "fake:noop", args.big_queue, "16x16x1")
-            started = time.perf_counter()
-            plan = api.plan(manifest)
-            plan_s = time.perf_counter() - started
-            big = run_farm(manifest)
-            big.update(plan_s=round(plan_s, 2), planned=len(plan.tasks))
-            results["big_queue_noop"] = big
-            print("big", json.dumps(big), flush=True)
+        # A Ray of its own ("local"), never one another process on this machine started.
+        ray.init(
+            address="local", num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+        )
+        for label, count in (("a_sleep_50ms", args.sleep_tasks), ("b_tiny_wan", args.tiny_tasks)):
+            if count:
+                results[label] = workload(label, count, args.runs, folder)
+                print(label, json.dumps({k: v for k, v in results[label].items() if k != "runs"}), flush=True)
+        if args.big_queue:  # the controller on a large queue: CPU per task and memory
+            results["big_queue_noop"] = run_once("farm", folder, "bigqueue", "fake:noop", args.big_queue, "16x16x1")
+            print("big_queue_noop", json.dumps(results["big_queue_noop"]), flush=True)
         ray.shutdown()
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"scheduling-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

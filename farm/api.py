@@ -6,7 +6,6 @@ always safe: tasks already done into the same output are skipped.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import hashlib
 import os
@@ -21,17 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from farm import __version__
+from farm.audit import VerifyReport, repair_job, verify_job
 from farm.catalog import Catalog, CompactionReport, JobRecord, JobStatus, ResultFilter, RunSummary
+from farm.catalog_check import CheckReport
 from farm.config import CPUS_PER_CPU_RENDERER, catalog_location, catalog_named, cluster_config_path
 from farm.controller import CONTROLLER_NAME, NAMESPACE, JobProgress, get_or_start_controller
 from farm.errors import CatalogError, ClusterError, FarmError
-from farm.expand import Expansion, expand
+from farm.expand import Expansion, count, expand
+from farm.local import call as _call
+from farm.local import follow, run_job
+from farm.local import stop_controller as _stop_embedded
 from farm.manifest import ManifestFile, load_manifest
+from farm.models.variants import resolve_tasks
 from farm.routing import fitting_pools
 from farm.scaling import PoolScaling, ScalingPlan
 from farm.scaling import plan as scaling_plan
 from farm.storage import open_sink
-from farm.task import JobEvent, JobState, Pool, StorageKind, Task
+from farm.task import JobEvent, Pool, StorageKind, Task
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,15 @@ class SubmitOutcome:
         return self.run.failed if self.run else 0
 
 
-def _catalog(root: str | Path | None) -> Catalog:
-    return Catalog(root or catalog_location())
+def _catalog(root: str | Path | None, *, quarantine: bool = True) -> Catalog:
+    """The catalog, opened to write (damaged files are quarantined) unless a reader asks."""
+    return Catalog(root or catalog_location(), quarantine=quarantine)
 
 
 def validate(manifest_path: str | Path) -> tuple[ManifestFile, int]:
     """Load and expand a manifest; returns it and its task count. Raises ManifestError."""
     mf = load_manifest(manifest_path)
-    return mf, len(expand(mf).tasks)
+    return mf, count(mf).tasks
 
 
 def routes_for(tasks: list[Task], pools: list[Pool]) -> dict[str, int]:
@@ -152,20 +158,24 @@ def plan(
     mf = loaded or load_manifest(manifest_path, output_override=output)
     expansion = expansion or expand(mf)
     sink = open_sink(mf.target)
-    if hasattr(sink, "check_writable"):  # an unreachable bucket is an input error, found before rendering
-        sink.check_writable()
-    ids = [t.task_id for t in expansion.tasks]
-    output = mf.target.uri
-    already = done(ids, output) if done else _catalog(catalog_root).done(ids, output)
-    to_render = [t for t in expansion.tasks if t.task_id not in already]
+    if mf.target.kind is StorageKind.S3 or not address:  # an unwritable output is an input error, found now
+        sink.check_writable()  # (a local path on a cluster is each worker's: this machine cannot tell)
     if scalings is None:
         scalings = (
             [PoolScaling(p, 1, 1, 1, 1) for p in pools]
             if pools is not None
             else _pool_scalings(address, cluster_config)
         )
+    # Each task's variant fixed against these pools (precision: auto): part of its id and its needs.
+    expansion = replace(expansion, tasks=resolve_tasks(expansion.tasks, [s.pool for s in scalings]))
+    ids = [t.task_id for t in expansion.tasks]
+    output = mf.target.uri
+    # A plan only reads (a damaged file is skipped); a submit has quarantined it before planning.
+    catalog = _catalog(catalog_root, quarantine=False)
+    already = done(ids, output) if done else catalog.done(ids, mf.target)
+    to_render = [t for t in expansion.tasks if t.task_id not in already]
     routes = routes_for(to_render, [s.pool for s in scalings])
-    measured = None if done else _catalog(catalog_root).mean_clip_seconds(mf.model.identity)
+    measured = None if done else catalog.mean_clip_seconds(mf.model.identity)
     if measured:  # pools without their own measurement take this catalog's
         scalings = [s if s.seconds_per_clip else replace(s, seconds_per_clip=measured) for s in scalings]
     deadline_s = mf.deadline.seconds_left(datetime.now(UTC)) if mf.deadline is not None else None
@@ -181,19 +191,6 @@ def plan(
 
 def _new_job_id(campaign: str) -> str:
     return f"{campaign}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
-def _call(ref, timeout: float | None = None):
-    """ray.get, with a FarmError raised inside the controller re-raised here as itself."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    try:
-        return ray.get(ref, timeout=timeout)
-    except RayTaskError as exc:
-        if isinstance(exc.cause, FarmError):
-            raise exc.cause from None
-        raise
 
 
 def _named_catalog(catalog_root: str | Path | None) -> str | None:
@@ -248,17 +245,30 @@ def submit(
     on_progress: Callable[[JobProgress], None] | None = None,
     on_plan: Callable[[Plan, str], None] | None = None,
     wait: bool = True,
+    on_notice: Callable[[str], None] | None = None,
 ) -> SubmitOutcome:
     """Hand every task of a manifest not yet done to the cluster's controller and, with ``wait``,
-    follow the job until it ends. Without ``address`` farm runs an embedded Ray for the job (and
-    always waits: the job ends with it); ``workers`` sizes it. With ``address`` the job goes to
-    that cluster's controller, which records it in its own catalog and runs it whether or not
-    this client stays."""
+    follow the job until it ends. Without ``address`` the job runs on the catalog's embedded farm
+    (and the call always waits): started here, or joined when another submit runs one on the same
+    local catalog (farm/embedded.py); ``workers`` sizes a farm started here; ``on_notice`` hears
+    what this submit does about the farm (joined it, keeps it up for others, took it over). With
+    ``address`` the job goes to that cluster's controller, which records it in its own catalog and
+    runs it whether or not this client stays."""
     from farm import cluster
 
     mf = load_manifest(manifest_path, output_override=output)
     expansion = expand(mf)  # a bad manifest is reported before any Ray starts
     submitted_at = datetime.now(UTC)
+    if not address:  # embedded: a job with nothing left to render needs no Ray, only the catalog
+        finished = _finished_from_catalog(manifest_path, mf, expansion, _catalog(catalog_root), submitted_at)
+        if finished is not None:
+            if on_plan:
+                on_plan(finished.plan, finished.job_id)
+            return finished
+    if not address and not _ray_running():
+        return _submit_embedded(
+            manifest_path, mf, expansion, submitted_at, workers, catalog_root, on_plan, on_progress, on_notice
+        )
     # Reach the cluster before recording anything: a wrong --address leaves no half-started job.
     info = cluster.connect(address, num_cpus=workers)
     try:
@@ -267,15 +277,94 @@ def submit(
         if on_plan:
             on_plan(job_plan, record.job_id)
         if controller is None:  # embedded and nothing to render: no controller needed to say so
-            catalog = Catalog(location)
-            catalog.record_tasks(record.job_id, job_plan.tasks)
-            catalog.record_job(record)
-            catalog.record_event(record.job_id, JobEvent.FINISHED, "nothing to render")
+            _record_nothing_to_render(Catalog(location), record, job_plan)
             return SubmitOutcome(record.job_id, job_plan, location, mf.target.uri, 0)
         return _run(controller, info.embedded, record, job_plan, location, wait, on_progress)
     finally:
         if info.embedded:
             cluster.disconnect(info)
+
+
+def _finished_from_catalog(
+    manifest_path: str | Path, mf: ManifestFile, expansion: Expansion, catalog: Catalog, submitted_at: datetime
+) -> SubmitOutcome | None:
+    """The outcome of a job whose every task the catalog has done into this output, recorded as
+    a job with nothing to render; None when something is left to render."""
+    done = catalog.done([t.task_id for t in expansion.tasks], mf.target)
+    if len(done) < len(expansion.tasks):
+        return None
+    deadline_s = mf.deadline.seconds_left(submitted_at) if mf.deadline is not None else None
+    job_plan = Plan(mf, expansion.tasks, expansion.expanded, done, {}, None, deadline_s)
+    record = _job_record(_new_job_id(mf.manifest.campaign), manifest_path, job_plan, submitted_at)
+    _record_nothing_to_render(catalog, record, job_plan)
+    return SubmitOutcome(record.job_id, job_plan, catalog.location, mf.target.uri, 0)
+
+
+def _record_nothing_to_render(catalog: Catalog, record: JobRecord, job_plan: Plan) -> None:
+    catalog.record_tasks(record.job_id, job_plan.tasks)
+    catalog.record_job(record)
+    catalog.record_event(record.job_id, JobEvent.FINISHED, "nothing to render")
+
+
+def _ray_running() -> bool:
+    """Whether this process is a Ray driver already (a Python user's own Ray, or the tests'): a
+    submit then uses that Ray as its cluster."""
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _submit_embedded(
+    manifest_path: str | Path,
+    mf: ManifestFile,
+    expansion: Expansion,
+    submitted_at: datetime,
+    workers: int | None,
+    catalog_root: str | Path | None,
+    on_plan: Callable[[Plan, str], None] | None,
+    on_progress: Callable[[JobProgress], None] | None,
+    on_notice: Callable[[str], None] | None,
+) -> SubmitOutcome:
+    """A submit without --address: environment checked and the job planned before any Ray starts,
+    then run on the catalog's embedded farm (local catalog: owned or joined) or, on an S3 catalog
+    (no lock is reliable there), on a Ray of its own."""
+    from farm import cluster
+
+    catalog = _catalog(catalog_root)
+    _check_places(catalog, mf)
+    slots = workers or max(1, (os.cpu_count() or 1) // CPUS_PER_CPU_RENDERER)
+    scalings = [PoolScaling(Pool(cluster.LOCAL_POOL), 1, slots, 1, 1)]
+    job_plan = plan(manifest_path, loaded=mf, expansion=expansion, catalog_root=catalog.location, scalings=scalings)
+    record = _job_record(_new_job_id(mf.manifest.campaign), manifest_path, job_plan, submitted_at)
+    if on_plan:
+        on_plan(job_plan, record.job_id)
+    if not job_plan.to_render:
+        _record_nothing_to_render(catalog, record, job_plan)
+        return SubmitOutcome(record.job_id, job_plan, catalog.location, mf.target.uri, 0)
+    run = run_job(record, job_plan.tasks, catalog, workers, on_progress, on_notice)
+    summary = run.summary
+    return SubmitOutcome(
+        record.job_id,
+        job_plan,
+        catalog.location,
+        mf.target.uri,
+        summary.recovered,
+        summary,
+        run.renderers,
+        run.progress,
+    )
+
+
+def _check_places(catalog: Catalog, mf: ManifestFile | None) -> None:
+    """Environment mistakes are one line before anything renders: FARM_HOME, a local catalog and
+    the built-in models' folder must be creatable (the output is checked by ``plan``)."""
+    from farm.config import check_places, models_dir
+    from farm.task import ModelKind
+
+    places = [Path(catalog.base)] if StorageKind.of(catalog.location) is StorageKind.LOCAL else []
+    if mf is None or mf.model.kind is ModelKind.BUILTIN:
+        places.append(models_dir())
+    check_places(places)
 
 
 def _plan_on(
@@ -291,6 +380,7 @@ def _plan_on(
             manifest_path,
             loaded=mf,
             expansion=expansion,
+            address=info.address,
             scalings=_cluster_scalings(),
             done=lambda ids, out: _call(controller.done.remote(ids, out)),
         )
@@ -336,56 +426,6 @@ def _run(
     else:
         summary = _call(controller.run_summary.remote(record.job_id, elapsed, progress.state))
     return SubmitOutcome(record.job_id, job_plan, location, output, summary.recovered, summary, renderers, progress)
-
-
-_POLL_S = 0.25
-
-
-def follow(
-    controller, progress: JobProgress, on_progress: Callable[[JobProgress], None] | None = None, poll_s: float = _POLL_S
-) -> JobProgress:
-    """Poll a job's progress until it ends."""
-    while progress.state in ("running", "cancelling"):
-        if on_progress:
-            on_progress(progress)
-        time.sleep(poll_s)
-        job_id = progress.job_id
-        progress = _call(controller.progress.remote(job_id)) or _from_catalog(controller, job_id)
-    if on_progress:
-        on_progress(progress)
-    return progress
-
-
-def _from_catalog(controller, job_id: str) -> JobProgress:
-    """A job the controller no longer holds (restarted by Ray after the job ended, or the job was
-    dropped): what the catalog says of it."""
-    status, live = _call(controller.job_status.remote(job_id))
-    if live is not None:
-        return live
-    c = status.counts
-    state = JobState.INTERRUPTED if status.state in (JobState.RUNNING, JobState.SUBMITTED) else status.state
-    return JobProgress(
-        job_id,
-        status.job.task_count,
-        c.get("succeeded", 0),
-        c.get("failed", 0),
-        0,
-        c.get("pending", 0),
-        0,
-        state,
-        0.0,
-        None,
-        0,
-    )
-
-
-def _stop_embedded(controller) -> None:
-    """Flush the controller's catalog batches before the embedded Ray goes away with it."""
-    import ray
-
-    # If it fails the cluster is going down anyway; commit markers recover what was finished.
-    with contextlib.suppress(Exception):
-        ray.get(controller.shutdown.remote(), timeout=30)
 
 
 def _job_record(job_id: str, manifest_path: str | Path, job_plan: Plan, submitted_at: datetime) -> JobRecord:
@@ -489,7 +529,7 @@ def _from_cluster(address: str, method: str, *args):
 def jobs(catalog_root: str | Path | None = None, address: str | None = None) -> list[JobStatus]:
     if address:
         return _from_cluster(address, "job_statuses")
-    catalog = _catalog(catalog_root)
+    catalog = _catalog(catalog_root, quarantine=False)
     return catalog.statuses(catalog.jobs())
 
 
@@ -504,7 +544,7 @@ def live_status(
     """A job's status, and with ``address`` its live progress on the cluster (None once it ended)."""
     if address:
         return _from_cluster(address, "job_status", job_id)
-    catalog = _catalog(catalog_root)
+    catalog = _catalog(catalog_root, quarantine=False)
     return catalog.status(catalog.job(job_id)), None
 
 
@@ -513,7 +553,7 @@ def results(
 ) -> tuple[JobRecord, list[dict]]:
     if address:
         return _from_cluster(address, "job_results", job_id, keep)
-    catalog = _catalog(catalog_root)
+    catalog = _catalog(catalog_root, quarantine=False)
     job = catalog.job(job_id)
     return job, catalog.results(job, keep)
 
@@ -523,3 +563,36 @@ def compact(job_id: str | None = None, catalog_root: str | Path | None = None) -
     if job_id:
         job_id = catalog.job(job_id).job_id
     return catalog.compact(job_id)
+
+
+def check_catalog(dry_run: bool = False, catalog_root: str | Path | None = None) -> CheckReport:
+    """Read every catalog file; quarantine the damaged ones (not with ``dry_run``) and restore the
+    attempt rows of quarantined batches from the outputs' commit markers."""
+    from farm.catalog_check import check
+
+    return check(_catalog(catalog_root), dry_run)
+
+
+def verify(job_ref: str, *, sha256: bool = False, catalog_root: str | Path | None = None) -> VerifyReport:
+    """Check every output the catalog records for a job's done tasks (clip, poster, commit marker),
+    locally or on S3; with ``sha256`` read every byte against the recorded checksums."""
+    return verify_job(_catalog(catalog_root, quarantine=False), job_ref, sha256)
+
+
+def repair(
+    report: VerifyReport,
+    *,
+    workers: int | None = None,
+    catalog_root: str | Path | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
+) -> tuple[str, RunSummary | None]:
+    """Render again the tasks whose outputs ``verify`` found wrong (farm/audit.py), on this
+    machine's farm as a submit would. Returns the repair job's id and how it ran (None: nothing
+    to repair)."""
+    catalog = _catalog(catalog_root)
+    if not report.problems:
+        return "", None
+    _check_places(catalog, None)
+    job_id = _new_job_id(report.job.campaign)
+    return job_id, repair_job(catalog, report, job_id, workers, on_progress, on_notice)

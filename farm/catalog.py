@@ -13,20 +13,31 @@ job's small batch files into one; the merged file names the files it replaces, s
 interrupted at any point loses no row and shows none twice, and running it again finishes it.
 
 It is the source of truth for status, results and resume: a task is done when any job has a
-succeeded attempt of it into the same output. Readable as-is by duckdb, pandas and pyarrow (hive
-partitioning on ``job_id``). The tables' columns are declared in ``records.py``. Schema history:
+succeeded attempt of it into the same output, no ``invalidated`` row names that attempt, and its
+clip is still in the output with the size recorded (``farm/verify.py``: checked on every
+resume). Readable as-is by duckdb, pandas and pyarrow (hive partitioning on ``job_id``). The
+tables' columns are declared in ``records.py``. Schema history:
 v1 (first release); v2 adds ``attempt_uid`` and ``storage`` (and the job's priority, timeout and
-storage options); v3 the job's ``deadline_at``; v4 the attempt's ``error_kind``. Older files read
+storage options); v3 the job's ``deadline_at``; v4 the attempt's ``error_kind``; v5 the render
+settings ``precision``, ``cache``, ``compile`` and the attempt's ``run_variant`` and
+``weights_identity``, and ``poster_bytes``, ``poster_sha256`` and ``invalidates``. Older files read
 with the new columns as nulls (``tests/fixtures/catalog-v3`` is one written by v3).
+
+A damaged file (torn by a full disk, a copy, a sync tool) never stops the farm: every reader skips
+a file it cannot read, with one warning naming it; a catalog opened for writing
+(``quarantine=True``: submit, verify --repair, compact, ``farm catalog check``) moves it to
+``quarantine/`` and restores the attempt rows of a quarantined batch from the outputs' commit
+markers (``farm/catalog_check.py``). Local files are fsynced before their rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlparse
@@ -52,6 +63,9 @@ from farm.records import (
     tasks_from_columns,
 )
 from farm.task import AttemptStatus, JobEvent, JobState, StorageKind, Task, TaskStatus
+from farm.verify import VerifiedDone, success_key
+
+log = logging.getLogger("farm.catalog")
 
 _REPLACES = b"farm.replaces"  # schema metadata of a compacted file: the files it replaces
 
@@ -142,11 +156,18 @@ def catalog_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
 
 
-class Catalog:
-    def __init__(self, location: str | os.PathLike) -> None:
+class Catalog(VerifiedDone):
+    """``quarantine``: this catalog is opened to write (submit, verify --repair, compact, check): a damaged
+    file is moved to ``quarantine/`` (and a batch's rows restored from commit markers) instead of
+    only skipped."""
+
+    def __init__(self, location: str | os.PathLike, *, quarantine: bool = False) -> None:
         self.location = str(location)
         self.fs, self.base = catalog_filesystem(self.location)
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.quarantine = quarantine
+        self.quarantined: list[str] = []  # files this object moved to quarantine/, as they were named
+        self.restored_jobs: set[str] = set()  # jobs whose quarantined batches were restored from markers
 
     @property
     def root(self) -> str:
@@ -157,15 +178,47 @@ class Catalog:
 
     # --- files
     def _write(self, table: pa.Table, path: str) -> None:
-        if self._local:
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            temp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-            pq.write_table(table, temp)
-            os.replace(temp, path)
-        else:  # an S3 object becomes visible only once complete
+        """Write a file whole or not at all: a full disk or a crash leaves no torn file (and no
+        temporary one); the error is one line."""
+        if not self._local:  # an S3 object becomes visible only once complete
             with self.fs.open_output_stream(path) as stream:
                 pq.write_table(table, stream)
+            return
+        folder = os.path.dirname(path)
+        temp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(temp, "wb") as fh:
+                pq.write_table(table, fh)
+                fh.flush()
+                os.fsync(fh.fileno())  # the rename must never publish bytes still in the page cache
+            os.replace(temp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise CatalogError(
+                f"cannot write the catalog file {path}: {exc.strerror or exc}",
+                hint="free space on its disk or fix its permissions (FARM_CATALOG / FARM_HOME); "
+                "finished clips are kept and catalogued on the next submit",
+            ) from None
+
+    def _read(self, path: str, schema: pa.Schema) -> pa.Table | None:
+        """A whole file, or None for a damaged one (skipped with a warning; quarantined when this
+        catalog is opened to write)."""
+        try:
+            return pq.read_table(path, filesystem=self.fs, schema=schema)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:  # gone (S3 says so less plainly)
+                raise FileNotFoundError(path) from None
+            self._damaged(path, exc)
+            return None
+
+    def _damaged(self, path: str, exc: BaseException) -> None:
+        from farm.catalog_check import handle_damaged
+
+        handle_damaged(self, path, exc)
 
     def _delete(self, path: str) -> None:
         self.fs.delete_file(path)
@@ -186,18 +239,9 @@ class Catalog:
         ]
         return sorted(files, key=lambda p: (p.rsplit("/", 1)[0], p.rsplit("/", 1)[-1]))
 
-    def _replaced_by_compaction(self, files: list[str]) -> set[str]:
-        replaced: set[str] = set()
-        for path in files:
-            if os.path.basename(path).startswith("compact-"):
-                metadata = pq.read_schema(path, filesystem=self.fs).metadata or {}
-                folder = path.rsplit("/", 1)[0]
-                replaced.update(f"{folder}/{name}" for name in json.loads(metadata.get(_REPLACES, b"[]")))
-        return replaced
-
     def _live_files(self, folder: str) -> list[str]:
         files = self._files(folder)
-        replaced = self._replaced_by_compaction(files)
+        replaced = replaced_by_compaction(self, files)
         return [f for f in files if f not in replaced]
 
     # --- jobs
@@ -216,8 +260,9 @@ class Catalog:
     def jobs(self) -> list[JobRecord]:
         records: list[JobRecord] = []
         for path in self._files(self._path("jobs")):
-            table = pq.read_table(path, filesystem=self.fs, schema=JOB_SCHEMA)
-            records.extend(job_from_row(row) for row in table.to_pylist())
+            table = self._read(path, JOB_SCHEMA)
+            if table is not None:
+                records.extend(job_from_row(row) for row in table.to_pylist())
         return sorted(records, key=lambda j: j.submitted_at)
 
     def job(self, job_id: str) -> JobRecord:
@@ -231,7 +276,9 @@ class Catalog:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise CatalogError(
+            from farm.catalog_check import damaged_job_error
+
+            raise damaged_job_error(self, job_id) or CatalogError(
                 f"no job {job_id!r} in the catalog at {self.location}",
                 hint="list jobs with 'farm jobs' (and check FARM_HOME / FARM_CATALOG)",
             )
@@ -249,16 +296,21 @@ class Catalog:
     def tasks(self, job_id: str) -> list[Task]:
         path = self._path("tasks", f"job_id={job_id}", "tasks.parquet")
         try:
-            table = pq.read_table(path, filesystem=self.fs, schema=TASK_SCHEMA)
+            table = self._read(path, TASK_SCHEMA)
         except (OSError, FileNotFoundError) as exc:
             raise CatalogError(
                 f"job {job_id} has no task list in the catalog ({exc})", hint="submit the manifest again"
             ) from None
+        if table is None:
+            from farm.catalog_check import damaged_tasks_error
+
+            raise damaged_tasks_error(self, job_id, path)
         return tasks_from_columns(table.to_pydict(), table.num_rows)
 
     def events(self, job_id: str) -> list[dict]:
         files = self._live_files(self._path("events", f"job_id={job_id}"))
-        rows = [r for p in files for r in pq.read_table(p, filesystem=self.fs, schema=EVENT_SCHEMA).to_pylist()]
+        tables = [self._read(p, EVENT_SCHEMA) for p in files]
+        rows = [r for t in tables if t is not None for r in t.to_pylist()]
         return sorted(rows, key=lambda r: r["at"])
 
     # --- attempts
@@ -274,7 +326,15 @@ class Catalog:
         if not files:
             empty = ATTEMPT_FULL_SCHEMA.empty_table()
             return empty if columns is None else empty.select(columns)
-        dataset = ds.dataset(
+        try:
+            return self._attempt_dataset(files).to_table(columns=columns)
+        except (pa.ArrowException, OSError, ValueError):  # a damaged file: only this path reads file by file
+            from farm.catalog_check import readable_attempt_files
+
+            return self._attempt_dataset(readable_attempt_files(self, files, folder)).to_table(columns=columns)
+
+    def _attempt_dataset(self, files: list[str]) -> ds.Dataset:
+        return ds.dataset(
             files,
             filesystem=self.fs,
             schema=ATTEMPT_FULL_SCHEMA,  # columns missing from older files read as nulls
@@ -282,17 +342,6 @@ class Catalog:
             partitioning=ds.partitioning(pa.schema([("job_id", pa.string())]), flavor="hive"),
             partition_base_dir=self._path("attempts"),
         )
-        return dataset.to_table(columns=columns)
-
-    def done(self, task_ids: Iterable[str], output_root: str) -> dict[str, str]:
-        """task_id → output uri for the tasks that already have a succeeded attempt into this output."""
-        wanted = set(task_ids)
-        table = self.attempts(columns=["task_id", "status", "output_root", "output_uri"])
-        out: dict[str, str] = {}
-        for task_id, status, root, uri in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
-            if status == AttemptStatus.SUCCEEDED and root == output_root and task_id in wanted:
-                out[task_id] = uri
-        return out
 
     def run_summary(self, job_id: str, elapsed_s: float, state: str) -> RunSummary:
         """What a job's own attempts did (clips adopted from an earlier run are not counted)."""
@@ -331,7 +380,7 @@ class Catalog:
 
     def statuses(self, jobs: list[JobRecord]) -> list[JobStatus]:
         """Status of each job, reading the attempts once for all of them."""
-        names = ["task_id", "status", "final", "output_root", "job_id"]
+        names = ["task_id", "status", "final", "output_root", "job_id", "attempt_uid", "finished_at", "invalidates"]
         table = self.attempts(columns=names)
         cols = [table.column(c).to_pylist() for c in names]
         return [self._status(job, cols) for job in jobs]
@@ -341,12 +390,14 @@ class Catalog:
         done: set[str] = set()
         failed: set[str] = set()
         attempts = rendered = 0
-        for task_id, status, final, root, job_id in zip(*cols, strict=True):
+        invalid = _invalidated(cols[1], cols[3], cols[7], job.output)
+        for task_id, status, final, root, job_id, uid, finished, _ in zip(*cols, strict=True):
             if task_id not in mine:
                 continue
-            if job_id == job.job_id:
+            if job_id == job.job_id and status != AttemptStatus.INVALIDATED:
                 attempts += 1
-            if status == AttemptStatus.SUCCEEDED and root == job.output:
+            key = success_key({"task_id": task_id, "attempt_uid": uid, "finished_at": finished}) if invalid else ""
+            if status == AttemptStatus.SUCCEEDED and root == job.output and key not in invalid:
                 done.add(task_id)
                 rendered += job_id == job.job_id
             elif status == AttemptStatus.FAILED and final and job_id == job.job_id:
@@ -364,13 +415,18 @@ class Catalog:
     def results(self, job: JobRecord, keep: ResultFilter | None = None) -> list[dict]:
         """One row per task of the job: its succeeded attempt (from any job), else its last attempt
         here; then filtered."""
-        table = self.attempts()
+        rows = self.attempts().to_pylist()
         best: dict[str, dict] = {}
         mine = set(job.task_ids)
-        for row in table.to_pylist():
+        invalid = _invalidated(
+            [r["status"] for r in rows], [r["output_root"] for r in rows], [r["invalidates"] for r in rows], job.output
+        )
+        for row in rows:
             task_id = row["task_id"]
-            if task_id not in mine:
-                continue
+            if task_id not in mine or (
+                invalid and row["status"] == AttemptStatus.SUCCEEDED and success_key(row) in invalid
+            ):
+                continue  # a success whose output was found missing or changed is no result
             ok = row["status"] == AttemptStatus.SUCCEEDED and row["output_root"] == job.output
             if not ok and row["job_id"] != job.job_id:
                 continue
@@ -388,38 +444,41 @@ class Catalog:
 
     # --- maintenance
     def compact(self, job_id: str | None = None) -> CompactionReport:
-        """Merge each job's attempt and event files into one file per partition.
+        """Merge each job's attempt and event files into one file per partition (see
+        ``catalog_check.compact``: safe to interrupt, and to run again)."""
+        from farm.catalog_check import compact
 
-        Order of work, so that an interruption anywhere is harmless: (1) delete files that an
-        earlier compacted file already replaces, (2) write the new compacted file naming every
-        file it replaces, (3) delete those files.
-        """
-        partitions = merged = written = rows = finished = 0
-        for kind in ("attempts", "events"):
-            schema = ATTEMPT_SCHEMA if kind == "attempts" else EVENT_SCHEMA
-            folders = sorted({f.rsplit("/", 1)[0] for f in self._files(self._path(kind))})
-            if job_id:
-                folders = [f for f in folders if f.endswith(f"/job_id={job_id}")]
-            for folder in folders:
-                partitions += 1
-                files = self._files(folder)
-                replaced = self._replaced_by_compaction(files)
-                for path in sorted(replaced & set(files)):
-                    self._delete(path)
-                    finished += 1
-                live = [f for f in files if f not in replaced]
-                if len(live) < 2:
-                    continue
-                table = pa.concat_tables(pq.read_table(f, filesystem=self.fs, schema=schema) for f in live)
-                names = sorted(os.path.basename(f) for f in live) + sorted(os.path.basename(f) for f in replaced)
-                table = table.replace_schema_metadata({_REPLACES: json.dumps(names).encode()})
-                self._write(table, f"{folder}/{_part_name('compact-')}")
-                for path in live:
-                    self._delete(path)
-                merged += len(live)
-                written += 1
-                rows += table.num_rows
-        return CompactionReport(partitions, merged, written, rows, finished)
+        return compact(self, job_id)
+
+    def _write_attempts(self, job_id: str, rows: list[dict]) -> None:
+        """Attempt rows written here, not by a controller's writer: one new batch in the job's partition."""
+        self._write(
+            pa.Table.from_pylist(rows, schema=ATTEMPT_SCHEMA), self._path("attempts", f"job_id={job_id}", _part_name())
+        )
+
+
+def replaced_by_compaction(catalog: Catalog, files: list[str]) -> set[str]:
+    """The files that compacted files among ``files`` replace (named in their schema metadata)."""
+    replaced: set[str] = set()
+    for path in files:
+        if os.path.basename(path).startswith("compact-"):
+            try:
+                metadata = pq.read_schema(path, filesystem=catalog.fs).metadata or {}
+            except (pa.ArrowException, OSError, ValueError) as exc:  # a torn compacted file
+                catalog._damaged(path, exc)
+                continue
+            folder = path.rsplit("/", 1)[0]
+            replaced.update(f"{folder}/{name}" for name in json.loads(metadata.get(_REPLACES, b"[]")))
+    return replaced
+
+
+def _invalidated(statuses: list, roots: list, invalidates: list, output_root: str) -> set[str]:
+    """The succeeded attempts into ``output_root`` that invalidated rows name (``success_key``)."""
+    return {
+        key
+        for status, root, key in zip(statuses, roots, invalidates, strict=True)
+        if status == AttemptStatus.INVALIDATED and root == output_root and key
+    }
 
 
 def _job_state(event: str) -> JobState:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S, cluster_config_path
+from farm.config import CPUS_PER_CPU_RENDERER, RAY_CONNECT_TIMEOUT_S, RENDER_PIPELINE_DEPTH, cluster_config_path
 from farm.errors import ClusterError
 from farm.render import Renderer
 from farm.task import ModelRef, Pool
@@ -283,6 +283,8 @@ def start_renderer(model: ModelRef, capacity: PoolCapacity):
             resources=resources,
             max_restarts=0,
             max_task_retries=0,
+            # A GPU renderer generates the next clip while the last is encoded and uploaded.
+            max_concurrency=RENDER_PIPELINE_DEPTH if capacity.gpus_per_slot else 1,
         )
         .remote(model, None, threads, capacity.pool.name)
     )

@@ -59,6 +59,12 @@ DEFAULT_PRIORITY = 0
 # An attempt running longer than this has its renderer stopped and replaced (manifest: timeout_s).
 DEFAULT_TASK_TIMEOUT_S = 900.0
 DEFAULT_MODEL = "tiny"
+# Limits on untrusted manifests (farm/yamlfile.py, farm/expand.py): what a real campaign never
+# needs, checked before anything is expanded, so a hostile file is refused in well under a second.
+MAX_MANIFEST_BYTES = 10 * 2**20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # values once aliases are expanded
+MAX_TASKS = int(_env_number("FARM_MAX_TASKS", 1_000_000, minimum=1, integer=True))
 # A deadline: at most this far ahead (a longer one is a typo more often than a plan).
 MAX_DEADLINE_S = 366 * 86400
 
@@ -69,12 +75,20 @@ S3_MULTIPART_CHUNK_MB = 16
 S3_MAX_ATTEMPTS = 5  # botocore retries throttling and 5xx with backoff up to this many tries
 S3_CONNECT_TIMEOUT_S = 5.0
 S3_READ_TIMEOUT_S = 60.0
+# Checking that done clips are still there (farm/verify.py): this many names or more are looked up by
+# listing the prefix (1000 keys a request), fewer by HEADs, this many at a time.
+S3_LIST_FROM = 200
+S3_HEAD_THREADS = 16
 
 # ----------------------------------------------------------------------------- scheduling
 
 # Dispatch: tasks queued at each renderer beyond the one it is rendering, so it never waits
 # for the driver between clips, yet a job is never handed to Ray all at once.
 IN_FLIGHT_PER_RENDERER = 2
+# Clips a GPU renderer works on at once (farm/pipelining.py): one generating while the one before
+# is encoded and uploaded. At most IN_FLIGHT_PER_RENDERER. CPU renderers take one at a time: there
+# the encoder would take the cores the model runs on.
+RENDER_PIPELINE_DEPTH = 2
 # Failed attempts wait before their retry: base * 2**(attempt-1), capped.
 RETRY_BACKOFF_BASE_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
@@ -96,6 +110,17 @@ CATALOG_BATCH_SECONDS = _env_number("FARM_CATALOG_BATCH_SECONDS", 5.0)
 CPUS_PER_CPU_RENDERER = 1
 # Seconds to wait for a Ray head's port before calling it unreachable.
 RAY_CONNECT_TIMEOUT_S = 5.0
+# One embedded farm per local catalog (farm/embedded.py): how often a submit that joined one reads
+# its job's progress and checks that the farm's owner lives, and how long it waits for a farm
+# that is starting (or stopping) before it gives up with an error.
+EMBEDDED_POLL_S = 0.25
+EMBEDDED_JOIN_WAIT_S = _env_number("FARM_EMBEDDED_JOIN_WAIT_S", 300.0, minimum=1.0)
+# Filesystems whose locks cannot be trusted to coordinate embedded farms (mount types, as Linux
+# names them): an embedded submit on a catalog there is refused in favour of a shared cluster.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs"}
+    | {"davfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs", "fuse.juicefs"}
+)
 # Seconds to wait for the hub before calling it unreachable.
 HUB_CONNECT_TIMEOUT_S = 5.0
 
@@ -153,6 +178,37 @@ def metrics_address() -> str:
 
 def outputs_dir() -> Path:
     return farm_home() / "outputs"
+
+
+def check_places(paths: list[Path]) -> None:
+    """Create the folders farm is about to write on this machine (the catalog, the models), and
+    FARM_HOME first when they lie under it; an impossible one is one FarmError naming the variable
+    that chose it, before anything renders."""
+    home = farm_home()
+    for path in [home, *paths] if any(p.is_relative_to(home) for p in paths) else paths:
+        if path == home:
+            variable = f"{FARM_HOME_ENV}={os.environ.get(FARM_HOME_ENV, DEFAULT_FARM_HOME)}"
+        elif path == models_dir() and os.environ.get("FARM_MODELS_DIR"):
+            variable = f"FARM_MODELS_DIR={os.environ['FARM_MODELS_DIR']}"
+        elif os.environ.get("FARM_CATALOG") and not path.is_relative_to(home):
+            variable = f"FARM_CATALOG={os.environ['FARM_CATALOG']}"
+        else:
+            variable = str(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):  # also catches a read-only mount, even for root
+                raise PermissionError(13, "not writable")
+        except OSError as exc:
+            raise FarmError(
+                f"{variable}: cannot create or write {path} ({exc.strerror or exc})",
+                field="environment",
+                hint="point it at a folder you can write",
+            ) from None
+
+
+def logs_dir() -> Path:
+    """Where the CLI writes the full traceback of an unexpected error ($FARM_HOME/logs)."""
+    return farm_home() / "logs"
 
 
 def cluster_config_path() -> str | None:

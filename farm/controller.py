@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -54,6 +55,7 @@ from farm.metrics import ControllerMetrics, FarmSnapshot
 from farm.records import JobRecord
 from farm.scaling import Autoscaling, PoolScaling
 from farm.scheduler import Decision, Dispatch, Outcome, Scheduler
+from farm.storage import OutputTarget
 from farm.task import AttemptStatus, FailureKind, Result, Task
 
 CONTROLLER_NAME = "farm-controller"
@@ -88,6 +90,17 @@ class CatalogQueries:
         return self.catalog.run_summary(job_id, elapsed_s, state)
 
 
+def pickle_plainly(*classes: type) -> None:
+    """Ray pickles call arguments with cloudpickle, whose Python hooks run for every object and
+    class inside them; a Task (sent with every attempt) and its output target are plain
+    dataclasses the C pickler handles alone, in a third of the time. Only this process's
+    serialization changes: the receiver unpickles as ever."""
+    from ray.util import register_serializer
+
+    for cls in classes:
+        register_serializer(cls, serializer=pickle.dumps, deserializer=pickle.loads)
+
+
 class Controller(CatalogQueries):  # size: its remote API (one short method a call) and the loop around the pure cores
     """Made a detached named actor by ``get_or_start_controller``; a plain class for tests."""
 
@@ -100,6 +113,8 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         # Identifies this Ray cluster's lifetime: a controller restarted by Ray in the same cluster
         # resumes the jobs admitted here; jobs of a cluster that is gone wait for a re-submit.
         self.session = ray.get_runtime_context().get_session_name() if ray.is_initialized() else "local"
+        if ray.is_initialized():
+            pickle_plainly(Task, OutputTarget)
         self.catalog = Catalog(catalog_location or cluster_catalog_location())
         self.scheduler = Scheduler()
         self.fleet = Fleet(start_renderer)
@@ -107,6 +122,11 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         self.lock = threading.RLock()
         self.started = time.monotonic()
         self._last_pool_refresh = self._last_autoscale = 0.0
+        # The fleet is looked over (renderers to start, overdue attempts) every CONTROLLER_WAIT_S,
+        # and at once after anything that may change its answer (a job in, a renderer started or lost).
+        self._fleet_looked_at, self._fleet_changed = 0.0, True
+        self._wake = threading.Event()  # ends the loop's idle wait early: a job came in
+        self._touched: set[str] = set()  # jobs with attempts written since the loop last looked
         self._stop = threading.Event()
         self.errors: deque[str] = deque(maxlen=50)
         self.metrics = ControllerMetrics(self._metrics_snapshot)
@@ -153,6 +173,8 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
             progress = self.book.admit(self.catalog.job(job_id))
             if job_id in self.book.jobs:
                 self.metrics.job_admitted(job_id)
+                self._fleet_changed = True
+                self._wake.set()
             return progress
 
     def submit_job(self, record: JobRecord, tasks: list[Task]) -> JobProgress:
@@ -221,29 +243,41 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         import ray
 
         with self.lock:
-            self._maintain(time.monotonic())
+            looked_over = self._dispatch(time.monotonic())
+            waiting = self.fleet.waiting()
+        # Straight on while the fleet is changing (it starts one renderer per job a turn).
+        timeout = 0.0 if self._fleet_changed else CONTROLLER_WAIT_S
+        if not waiting:
+            self._wake.wait(timeout)
+            self._wake.clear()
+            ready: list[Any] = []
+        else:  # one result a turn: the next turn's wait returns at once if more are in
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout, fetch_local=False)
+        with self.lock:
+            for ref in ready:
+                slot = self.fleet.started_slot(ref)
+                if slot is not None:
+                    self._renderer_started(slot, ref)
+                elif ref in self.fleet.in_flight:  # not written off with its renderer meanwhile
+                    self._collect(ref)
+            # The jobs whose attempts came in may be over; every job is looked at with the fleet.
+            self.book.finish_over(None if looked_over else self._touched)
+            self._touched.clear()
+
+    def _dispatch(self, now: float) -> bool:
+        """Keep the fleet in shape (when due) and fill every free renderer slot. Returns whether
+        the fleet was looked over (every CONTROLLER_WAIT_S, and at once after it changed)."""
+        self._maintain(now)
+        look_over = self._fleet_changed or now - self._fleet_looked_at >= CONTROLLER_WAIT_S
+        if look_over:
+            self._fleet_changed, self._fleet_looked_at = False, now
             self._carry_out(self.fleet.scale(self.scheduler.demand(), self.book.models()))
             self._carry_out(self.fleet.overdue(self.book.timeouts(), self.book.stopping()))
-            for d in self.scheduler.next_dispatches():
-                self._send(d)
-            for decision in self.scheduler.drain_decisions():  # taken while dispatching
-                self._apply(decision, None, None)
-            waiting = self.fleet.waiting()
-        if not waiting:
-            time.sleep(CONTROLLER_WAIT_S)
-        else:
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=CONTROLLER_WAIT_S)
-            if ready:
-                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            with self.lock:
-                for ref in ready:
-                    slot = self.fleet.started_slot(ref)
-                    if slot is not None:
-                        self._renderer_started(slot, ref)
-                    elif ref in self.fleet.in_flight:  # not written off with its renderer meanwhile
-                        self._collect(ref)
-        with self.lock:
-            self.book.finish_over()
+        for d in self.scheduler.next_dispatches():
+            self._send(d)
+        for decision in self.scheduler.drain_decisions():  # taken while dispatching
+            self._apply(decision, None, None)
+        return look_over
 
     def _maintain(self, now: float) -> None:
         """Every few seconds: read the pools from the cluster's nodes, and size the launchable ones."""
@@ -266,6 +300,7 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         for node_type in self.autoscaling.node_types:  # pools the autoscaler can start: their work waits queued
             self.scheduler.add_pool(node_type.pool)
         self.fleet.set_capacity(capacities)
+        self._fleet_changed = True
 
     def _autoscale(self, now: float) -> None:
         """Size each launchable pool for the backlog (and the tightest deadline of the running
@@ -295,6 +330,7 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
     def _carry_out(self, decisions: Iterable[FleetDecision]) -> None:
         """Carry out the fleet's decisions against Ray, the scheduler and the job book."""
         for d in decisions:
+            self._fleet_changed = True
             if isinstance(d, StartRenderer):
                 log.info("start renderer %s (%s): %s", d.slot, d.model.spec, d.reason)
                 handle = self.fleet.start(d)
@@ -335,6 +371,7 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         """A renderer died or is being stopped: what it had queued goes back to the scheduler
         (the head was running; the rest only waited)."""
         renderer = self.fleet.remove(slot)
+        self._fleet_changed = True  # a replacement may be due
         queued = list(renderer.queue) if renderer else []
         dispatches = {(d.job_id, d.task.task_id): d for _, d in queued}
         running = queued[0][1].task.task_id if queued else None
@@ -372,11 +409,13 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         if result.succeeded:  # measured clip time per pool: what deadline estimates are made of
             t = result.timings
             self.autoscaling.record_clip(pool_of(slot), t.generate_s + t.encode_s + t.write_s)
-        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error)
+        oom = result.error_kind is FailureKind.OOM  # retried on a pool with more VRAM (scheduler.py)
+        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error, oom)
         self._apply(decision, d, result)
 
     def _apply(self, decision: Decision, d: Dispatch | None, result: Result | None) -> None:
         """Write an attempt the scheduler decided on to its job's catalog rows and the metrics."""
+        self._touched.add(decision.job_id)
         written = self.book.record_attempt(decision, d, result)
         if written is not None:
             model, result = written

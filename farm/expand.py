@@ -9,11 +9,14 @@ task's own ``render``. Identical tasks (same task id) collapse into one.
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from farm.config import MAX_TASKS
 from farm.manifest import (
     RENDER_FIELDS,
     SEED_MAX,
@@ -28,11 +31,11 @@ from farm.manifest import (
     Where,
     error_at,
 )
-from farm.models import estimate_vram_gb
+from farm.models import estimate_vram_gb, prompt_token_counter
 from farm.task import Mode, RenderSettings, Requirements, Task, compute_task_id
-from farm.template import TemplateError, parse_template
+from farm.template import Template, TemplateError, parse_template
+from farm.yamlfile import DataPath
 
-DataPath = tuple[str | int, ...]  # a place in the manifest's data, e.g. ("axes", "platform", 0)
 Origin = DataPath | Where  # where a value was set: in the manifest, or in a rows file
 Layer = tuple[dict[str, Any], Origin]  # render overrides and where they were set
 
@@ -49,6 +52,11 @@ class _Variant:
     seed: int | None = None
     requirements: RequirementsSpec | None = None
 
+    @property
+    def plain(self) -> bool:
+        """Only placeholder values: nothing of the manifest's prompt, settings or seeds changes."""
+        return not self.overrides and self.prompt is None and self.seed is None and self.requirements is None
+
 
 @dataclass(frozen=True)
 class Expansion:
@@ -56,36 +64,136 @@ class Expansion:
     expanded: int  # tasks before identical ones collapsed
 
 
+@dataclass(frozen=True)
+class Count:
+    tasks: int  # distinct tasks
+    expanded: int  # before identical ones collapsed
+
+
+@dataclass(frozen=True)
+class _Combination:
+    """One combination, resolved: what its tasks share. One task per seed in ``seeds``."""
+
+    source: str  # where it came from, for messages: "matrix" or "tasks[i]"
+    values: dict[str, str]
+    prompt: str
+    settings: RenderSettings
+    needs: Requirements
+    seeds: Sequence[int]
+    prompt_where: Where  # where its prompt and negative prompt were written, for messages
+    negative_where: Where
+
+
+@dataclass(frozen=True)
+class _Layered:
+    """What a set of overriding parts makes of the manifest's render settings and requirements."""
+
+    settings: RenderSettings
+    needs: Requirements
+    negative: Template  # the negative prompt, still to fill per combination
+    negative_where: Where
+
+
 def expand(mf: ManifestFile) -> Expansion:
     """Expand a manifest into its tasks (deterministic order; identical tasks collapse)."""
-    m = mf.manifest
-    seeds = list(range(m.seeds.base, m.seeds.base + m.seeds.count)) if isinstance(m.seeds, SeedRange) else m.seeds
-    if not seeds:
-        raise mf.error("no seeds given", "seeds", hint="give a list such as [0, 1] or {count: 2}")
     tasks: dict[str, Task] = {}
     expanded = 0
-    for source, parts in _combinations(mf):
-        for task in _tasks_of(mf, source, parts, seeds):
+    for c in _resolved(mf):
+        variant = tuple(sorted(c.values.items()))
+        for seed in c.seeds:
             expanded += 1
-            tasks.setdefault(task.task_id, task)
+            task_id = compute_task_id(mf.model.identity, Mode.T2V, c.prompt, c.settings, seed)
+            if task_id not in tasks:
+                tasks[task_id] = Task(
+                    task_id, c.prompt, seed, mf.model, c.settings, variant, Mode.T2V, c.source, c.needs
+                )
     return Expansion(list(tasks.values()), expanded)
 
 
-def _combinations(mf: ManifestFile) -> list[tuple[str, list[_Variant]]]:
-    """(where it came from, its parts) for each combination of the matrix, then each explicit task."""
+def count(mf: ManifestFile) -> Count:
+    """How many distinct tasks the manifest makes, checking everything ``expand`` checks, without
+    making a Task (or hashing a task id) per task: what ``farm validate`` needs, at a fraction of
+    the time and memory on a million tasks. The model and mode are one per manifest, so a task is
+    told apart by its prompt, settings and seed."""
+    seen: set[tuple[str, RenderSettings, int]] = set()
+    expanded = 0
+    for c in _resolved(mf):
+        expanded += len(c.seeds)
+        seen.update((c.prompt, c.settings, seed) for seed in c.seeds)
+    return Count(len(seen), expanded)
+
+
+def _seeds(mf: ManifestFile) -> Sequence[int]:
     m = mf.manifest
+    seeds = range(m.seeds.base, m.seeds.base + m.seeds.count) if isinstance(m.seeds, SeedRange) else m.seeds
+    if not seeds:
+        raise mf.error("no seeds given", "seeds", hint="give a list such as [0, 1] or {count: 2}")
+    if seeds[-1] > SEED_MAX:  # a range's base may be in range while its last seed is not
+        raise mf.error(
+            f"the last seed, {seeds[-1]}, is over the largest seed {SEED_MAX}",
+            "seeds",
+            "base",
+            hint="lower base: or count:",
+        )
+    return seeds
+
+
+def _resolved(mf: ManifestFile) -> Iterator[_Combination]:
+    """Every combination of the matrix, then every explicit task, resolved. The task count is
+    checked against FARM_MAX_TASKS before the first one is made."""
+    m = mf.manifest
+    seeds = _seeds(mf)
     groups = _axis_groups(mf) + ([_rows_group(mf.rows)] if mf.rows is not None else [])
-    names = [n for g in groups for n in (g[0].values if g else {})]
-    combos: list[tuple[str, list[_Variant]]] = []
-    if m.prompt is not None:
-        _check_placeholders(mf, m.prompt, set(names), ("prompt",))
-        combos.extend(("matrix", list(parts)) for parts in itertools.product(*groups))
-    elif groups:
+    if m.prompt is None and groups:
         raise mf.error(
             "axes, zip or rows are given but there is no prompt template to fill",
             "prompt",
             hint="add prompt: with {placeholders}",
         )
+    explicit = _explicit_tasks(mf)
+    if m.prompt is None and not explicit:
+        raise mf.error("the manifest defines no tasks", "campaign", hint="add prompt: (and axes:) or tasks:")
+    _check_task_count(mf, groups, explicit, seeds)
+    layering = _Layering(mf)
+    length = _PromptLength(mf)
+    if m.prompt is not None:
+        _check_placeholders(mf, m.prompt, {n for _, g in groups for n in g[0].values}, ("prompt",))
+        template, prompt_where = parse_template(m.prompt), mf.where("prompt")
+        plain: _Layered | None = None  # worked out at the first plain combination: every part may override
+        for parts in itertools.product(*(g for _, g in groups)):
+            values: dict[str, str] = {}
+            all_plain = True
+            for part in parts:
+                values.update(part.values)
+                all_plain = all_plain and part.plain
+            if all_plain:  # the common case, kept cheap: the manifest's prompt, settings and seeds
+                plain = plain or layering.of([])
+                settings = plain.settings
+                if plain.negative.names:
+                    settings = replace(settings, negative_prompt=plain.negative.fill(values, default=""))
+                combination = _Combination(
+                    "matrix",
+                    values,
+                    template.fill(values),
+                    settings,
+                    plain.needs,
+                    seeds,
+                    prompt_where,
+                    plain.negative_where,
+                )
+            else:
+                combination = layering.combination("matrix", list(parts), values, seeds)
+            length.check(combination)
+            yield combination
+    for source, part in explicit:
+        combination = layering.combination(source, [part], dict(part.values), seeds)
+        length.check(combination)
+        yield combination
+
+
+def _explicit_tasks(mf: ManifestFile) -> list[tuple[str, _Variant]]:
+    m = mf.manifest
+    out = []
     for i, extra in enumerate(m.tasks):
         if extra.prompt is None and m.prompt is None:
             raise mf.error(
@@ -98,67 +206,127 @@ def _combinations(mf: ManifestFile) -> list[tuple[str, list[_Variant]]]:
             _check_placeholders(mf, m.prompt or "", set(extra.vars), ("tasks", i, "vars"))
         variant = _Variant(
             values={k: _text(v) for k, v in extra.vars.items()},
-            overrides=[(extra.render.set_fields(), ("tasks", i, "render"))],
+            overrides=[(extra.render.set_fields(), ("tasks", i, "render"))] if extra.render.set_fields() else [],
             prompt=extra.prompt,
             prompt_where=mf.where("tasks", i, "prompt"),
             seed=extra.seed,
             requirements=extra.requirements,
         )
-        combos.append((f"tasks[{i}]", [variant]))
-    if not combos:
-        raise mf.error("the manifest defines no tasks", "campaign", hint="add prompt: (and axes:) or tasks:")
-    return combos
+        out.append((f"tasks[{i}]", variant))
+    return out
 
 
-def _tasks_of(mf: ManifestFile, source: str, parts: list[_Variant], seeds: list[int]) -> list[Task]:
-    """The tasks of one combination: its parts layered in order, one task per seed."""
-    m = mf.manifest
-    values: dict[str, str] = {}
-    layers: list[Layer] = [(m.render.set_fields(), ("render",))]
-    prompt_template, prompt_where, seed, wanted = m.prompt, None, None, m.requirements
-    for part in parts:
-        values.update(part.values)
-        layers.extend(part.overrides)
-        if part.prompt is not None:
-            prompt_template, prompt_where = part.prompt, part.prompt_where
-        if part.seed is not None:
-            seed = part.seed
-        if part.requirements is not None:
-            wanted = part.requirements
-    if prompt_where is not None:  # a task's or a row's own prompt: its placeholders need values too
-        missing = [n for n in _names(prompt_template or "", prompt_where) if n not in values]
-        if missing:
-            raise error_at(
-                prompt_where,
-                f"placeholder {{{missing[0]}}} has no value",
-                f"add vars: {{{missing[0]}: ...}} (or a column named {missing[0]})",
-            )
-    settings, provenance = _layer_settings(RenderSettings(), layers, mf)
-    for name, problem in mf.constraints.problems(settings.width, settings.height, settings.frames).items():
-        origin = provenance[name]
-        raise error_at(mf.where(*origin) if isinstance(origin, tuple) else origin, f"{problem} (model {mf.model.spec})")
-    prompt = parse_template(prompt_template or "").fill(values)
-    settings = replace(settings, negative_prompt=parse_template(settings.negative_prompt).fill(values, default=""))
-    variant = tuple(sorted(values.items()))
-    needs = Requirements(
-        wanted.min_vram_gb if wanted.min_vram_gb is not None else estimate_vram_gb(mf.model, settings),
-        wanted.gpu_type,
-        wanted.pool,
-    )
-    return [
-        Task(
-            compute_task_id(mf.model.identity, Mode.T2V, prompt, settings, s),
-            prompt,
-            s,
-            mf.model,
-            settings,
-            variant,
-            Mode.T2V,
-            source,
-            needs,
+def _check_task_count(
+    mf: ManifestFile, groups: list[Group], explicit: list[tuple[str, _Variant]], seeds: Sequence[int]
+) -> None:
+    """Refuse more than FARM_MAX_TASKS tasks, counted from the sizes that multiply, before any is made."""
+    sizes = [(label, len(parts)) for label, parts in groups if parts]
+    matrix, own_seed = 0, 0
+    if mf.manifest.prompt is not None:
+        matrix = math.prod(n for _, n in sizes) * len(seeds)
+        if mf.rows is not None:  # a row with its own seed makes one task, not one per seed
+            own_seed = sum(1 for p in groups[-1][1] if p.seed is not None)
+            matrix -= matrix // len(groups[-1][1]) // len(seeds) * own_seed * (len(seeds) - 1)
+    total = matrix + sum(1 if part.seed is not None else len(seeds) for _, part in explicit)
+    if total > MAX_TASKS:
+        factors = " × ".join([f"{label} {n:,}" for label, n in sizes] + [f"seeds {len(seeds):,}"])
+        if own_seed:
+            factors += f", {own_seed:,} rows with their own seed once"
+        if explicit:
+            factors += f", + {len(explicit):,} explicit tasks"
+        raise mf.error(
+            f"the manifest makes {total:,} tasks ({factors}), more than FARM_MAX_TASKS={MAX_TASKS:,}",
+            "campaign",
+            hint="use fewer values, or raise FARM_MAX_TASKS if you mean it",
         )
-        for s in ([seed] if seed is not None else seeds)
-    ]
+
+
+class _PromptLength:
+    """Refuse a prompt (or negative prompt) longer than the model's text encoder reads: diffusers
+    would cut the rest off without a word, and the end of an ad prompt is its call to action."""
+
+    def __init__(self, mf: ManifestFile) -> None:
+        self.mf = mf
+        counter = prompt_token_counter(mf.model)
+        self.tokens: Callable[[str], int] | None = counter[0] if counter else None
+        self.limit = counter[1] if counter else 0
+
+    def check(self, c: _Combination) -> None:
+        if self.tokens is None:
+            return
+        for text, what, where in (
+            (c.prompt, "prompt", c.prompt_where),
+            (c.settings.negative_prompt, "negative prompt", c.negative_where),
+        ):
+            if len(text) * 4 + 2 <= self.limit:  # UTF-8 takes at most 4 bytes a character: surely short enough
+                continue
+            count = self.tokens(text)
+            if count > self.limit:
+                shown = ", ".join(f"{k}={v}" for k, v in sorted(c.values.items()))
+                raise error_at(
+                    where,
+                    f"the {what}{f' for {shown}' if shown else ''} is {count} tokens, more than the {self.limit} "
+                    f"tokens model {self.mf.model.spec}'s text encoder reads (the rest would be cut off without a "
+                    "word)",
+                    "shorten it: the end, often the call to action, is what would be lost"
+                    if what == "prompt"
+                    else "shorten it",
+                )
+
+
+class _Layering:
+    """Render settings and requirements of a combination: the manifest's own layered with each
+    part's overrides, computed once per distinct set of overriding parts."""
+
+    def __init__(self, mf: ManifestFile) -> None:
+        self.mf = mf
+        self.base: Layer = (mf.manifest.render.set_fields(), ("render",))
+        self.cache: dict[tuple[int, ...], _Layered] = {}
+
+    def of(self, parts: list[_Variant]) -> _Layered:
+        key = tuple(id(p) for p in parts if p.overrides or p.requirements is not None)
+        if key not in self.cache:
+            layers = [self.base, *(layer for p in parts for layer in p.overrides)]
+            settings, provenance = _layer_settings(RenderSettings(), layers, self.mf)
+            where = {name: self.mf.where(*o) if isinstance(o, tuple) else o for name, o in provenance.items()}
+            for name, problem in self.mf.constraints.problems(settings.width, settings.height, settings.frames).items():
+                raise error_at(where[name], f"{problem} (model {self.mf.model.spec})")
+            wanted = self.mf.manifest.requirements
+            for p in parts:
+                wanted = p.requirements if p.requirements is not None else wanted
+            vram = wanted.min_vram_gb if wanted.min_vram_gb is not None else estimate_vram_gb(self.mf.model, settings)
+            try:
+                negative = parse_template(settings.negative_prompt)
+            except TemplateError as exc:
+                raise error_at(where["negative_prompt"], str(exc), "write literal braces as {{ and }}") from None
+            needs = Requirements(vram, wanted.gpu_type, wanted.pool)
+            self.cache[key] = _Layered(settings, needs, negative, where["negative_prompt"])
+        return self.cache[key]
+
+    def combination(
+        self, source: str, parts: list[_Variant], values: dict[str, str], seeds: Sequence[int]
+    ) -> _Combination:
+        """A combination with a part that overrides something: settings, prompt, seed or needs."""
+        prompt_template, prompt_where, seed = self.mf.manifest.prompt, None, None
+        for part in parts:
+            if part.prompt is not None:
+                prompt_template, prompt_where = part.prompt, part.prompt_where
+            if part.seed is not None:
+                seed = part.seed
+        if prompt_where is not None:  # a task's or a row's own prompt: its placeholders need values too
+            missing = [n for n in _names(prompt_template or "", prompt_where) if n not in values]
+            if missing:
+                raise error_at(
+                    prompt_where,
+                    f"placeholder {{{missing[0]}}} has no value",
+                    f"add vars: {{{missing[0]}: ...}} (or a column named {missing[0]})",
+                )
+        layered = self.of(parts)
+        settings = replace(layered.settings, negative_prompt=layered.negative.fill(values, default=""))
+        prompt = parse_template(prompt_template or "").fill(values)
+        seeds = [seed] if seed is not None else seeds
+        where = prompt_where or self.mf.where("prompt")
+        return _Combination(source, values, prompt, settings, layered.needs, seeds, where, layered.negative_where)
 
 
 def _text(value: Scalar) -> str:
@@ -167,9 +335,12 @@ def _text(value: Scalar) -> str:
     return str(value)
 
 
-def _axis_groups(mf: ManifestFile) -> list[list[_Variant]]:
+Group = tuple[str, list[_Variant]]  # (what it is, for messages: "product", "zip[0]", "rows"; its parts)
+
+
+def _axis_groups(mf: ManifestFile) -> list[Group]:
     m = mf.manifest
-    groups: list[list[_Variant]] = []
+    groups: list[Group] = []
     seen: dict[str, DataPath] = {}
 
     def claim(name: str, path: DataPath) -> None:
@@ -191,7 +362,7 @@ def _axis_groups(mf: ManifestFile) -> list[list[_Variant]]:
         claim(name, ("axes", name))
         if not entries:
             raise mf.error(f"axis {name!r} has no values", "axes", name, hint="give at least one value")
-        groups.append([_entry_variant(mf, name, e, ("axes", name, i)) for i, e in enumerate(entries)])
+        groups.append((name, [_entry_variant(mf, name, e, ("axes", name, i)) for i, e in enumerate(entries)]))
     for g, group in enumerate(m.zip):
         if not group:
             raise mf.error("zip group is empty", "zip", g, hint="list axes that vary together")
@@ -216,18 +387,19 @@ def _axis_groups(mf: ManifestFile) -> list[list[_Variant]]:
                 merged.values.update(part.values)
                 merged.overrides.extend(part.overrides)
             rows.append(merged)
-        groups.append(rows)
+        groups.append((f"zip[{g}]", rows))
     return groups
 
 
 def _entry_variant(mf: ManifestFile, name: str, entry: AxisEntry, path: DataPath) -> _Variant:
     if isinstance(entry, AxisValue):
-        return _Variant({name: _text(entry.value)}, [(entry.render.set_fields(), (*path, "render"))])
+        overrides = entry.render.set_fields()
+        return _Variant({name: _text(entry.value)}, [(overrides, (*path, "render"))] if overrides else [])
     return _Variant({name: _text(entry)})
 
 
-def _rows_group(rows: RowsFile) -> list[_Variant]:
-    return [_row_variant(record, rows.where(i)) for i, record in enumerate(rows.records)]
+def _rows_group(rows: RowsFile) -> Group:
+    return ("rows", [_row_variant(record, rows.where(i)) for i, record in enumerate(rows.records)])
 
 
 def _row_variant(record: dict[str, Any], where: Where) -> _Variant:

@@ -25,7 +25,8 @@ class Fault:
     """Attempts of tasks whose prompt contains ``prompt_contains`` misbehave while their attempt
     number is ≤ ``fail_attempts``: ``action`` "raise" fails the attempt, "exit" kills the
     renderer process, "hang" sleeps ``hang_s`` then fails (for timeouts), "slow" sleeps
-    ``hang_s`` then renders normally."""
+    ``hang_s`` then renders normally, "oom" raises torch's OutOfMemoryError, as a GPU that ran
+    out of memory does."""
 
     prompt_contains: str
     fail_attempts: int = 1_000_000
@@ -37,6 +38,10 @@ class Fault:
             return
         if self.action == "exit":
             os._exit(17)  # a renderer dying mid-task, as on OOM or node loss
+        if self.action == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected test fault, attempt {attempt})")
         if self.action in ("hang", "slow"):
             time.sleep(self.hang_s)
         if self.action != "slow":

@@ -9,9 +9,9 @@ hands its queue back to the scheduler, adds a ``RendererReady`` slot to the sche
 
 Policy:
 - renderers are started for jobs with queued work, highest priority first: a job's model gets
-  another renderer while it has fewer (loading or loaded) than the job has tasks ready to
-  dispatch, one more per job and turn (a model load is slow and heavy: the next turn sees whether
-  still more are needed);
+  another renderer while it has fewer (loading or loaded, in pools that fit the tasks) than the
+  job has tasks ready to dispatch, one more per job and turn (a model load is slow and heavy: the
+  next turn sees whether still more are needed);
 - a renderer goes to the cheapest pool that fits any of the job's queued tasks (farm/routing.py)
   and has a free slot; a pool has as many slots as its alive nodes offer;
 - a full pool frees a slot only by retiring an idle, loaded renderer of a model with no queued
@@ -156,16 +156,20 @@ class Fleet:
         in the order to carry them out. ``models``: model identity → ModelRef of the running jobs."""
         demand = list(demand)
         wanted = {d.model for d in demand}
-        serving = Counter(r.model.identity for r in self.renderers.values())
+        serving = Counter((r.model.identity, r.pool) for r in self.renderers.values())
         planned: Counter[str] = Counter()  # starts decided in this call, per pool
         retiring: set[str] = set()
         pools = [c.pool for c in self.capacity.values()]
         decisions: list[FleetDecision] = []
         for d in demand:
             model = models.get(d.model)
-            if model is None or serving[d.model] >= d.queued:
+            fitting = pools_fitting_any(pools, d.needs)
+            # Only renderers in pools that fit the work serve it: a task sent on to a pool with more
+            # VRAM after running out of memory is not served by the smaller pool's renderers.
+            able = sum(serving[d.model, p.name] for p in fitting)
+            if model is None or able >= d.queued:
                 continue
-            for pool in pools_fitting_any(pools, d.needs):
+            for pool in fitting:
                 members = [r for r in self.renderers.values() if r.pool == pool.name and r.slot not in retiring]
                 if len(members) + planned[pool.name] >= self.capacity[pool.name].slots:
                     spare = next((r for r in members if r.idle and r.model.identity not in wanted), None)
@@ -183,11 +187,11 @@ class Fleet:
                         f"{pool.name}-{uuid.uuid4().hex[:6]}",
                         pool.name,
                         model,
-                        f"{d.queued} tasks queued for {model.spec} on {serving[d.model]} renderers; "
+                        f"{d.queued} tasks queued for {model.spec} on {able} renderers that fit them; "
                         f"{pool.name} is the cheapest fitting pool with a free slot",
                     )
                 )
-                serving[d.model] += 1
+                serving[d.model, pool.name] += 1
                 planned[pool.name] += 1
                 break
         return decisions

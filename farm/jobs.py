@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -144,7 +144,8 @@ class JobBook:
         """Take a job the catalog has: its progress (finished at once if nothing is left to render)."""
         tasks = self.catalog.tasks(record.job_id)
         target = job_target(record)
-        done = self.catalog.done([t.task_id for t in tasks], target.uri)
+        # Done and verified: a done task whose clip is missing or changed gets an invalidated row and renders again.
+        done = self.catalog.resume_done(record.job_id, tasks, target)
         todo = [t for t in tasks if t.task_id not in done]
         adopted = adopt_finished_outputs(self.catalog, record.job_id, target, todo) if todo else set()
         # A task another running job renders into the same output is rendered once, for that job.
@@ -235,10 +236,15 @@ class JobBook:
                 self.catalog.record_event(job_id, JobEvent.FAILED, reason)
                 job.failure, job.cancel_at = reason, self.clock()
 
-    def finish_over(self) -> list[str]:
-        """Flush what is due, and end every job that is over. Returns the ended job ids."""
+    def finish_over(self, job_ids: Iterable[str] | None = None) -> list[str]:
+        """Flush what is due, and end every job that is over, of ``job_ids`` (None: of every running
+        job; the controller names the jobs whose attempts just came in, and looks at all of them
+        only every so often). Returns the ended job ids."""
         ended = []
-        for job_id, job in list(self.jobs.items()):
+        for job_id in list(self.jobs if job_ids is None else job_ids):
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
             job.writer.maybe_flush()
             p = self.scheduler.progress(job_id)
             if not p.finished:

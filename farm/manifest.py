@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import re
 import types
 import typing
@@ -22,15 +23,16 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from farm import yamlfile
 from farm.config import (
     DEFAULT_MODEL,
     DEFAULT_PRIORITY,
     DEFAULT_RETRIES,
     DEFAULT_TASK_TIMEOUT_S,
     MAX_DEADLINE_S,
+    MAX_TASKS,
     outputs_dir,
 )
 from farm.errors import FarmError, ManifestError
@@ -38,10 +40,10 @@ from farm.models import ModelConstraints, constraints_for, resolve_model
 from farm.storage import OutputTarget, StorageOptions, check_output
 from farm.task import ModelRef, RenderSettings, Requirements
 from farm.timeparse import Deadline
+from farm.yamlfile import field_name, line_of
 
 Scalar = str | int | float | bool
 RENDER_FIELDS = tuple(f.name for f in dataclasses.fields(RenderSettings))
-ROW_RESERVED = {*RENDER_FIELDS, "prompt", "seed"}
 CAMPAIGN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 SEED_MAX = 2**63 - 1
 
@@ -137,7 +139,7 @@ class RowsSource(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)  # arbitrary: Deadline
 
     campaign: str
     model: str = DEFAULT_MODEL
@@ -156,20 +158,19 @@ class Manifest(BaseModel):
     requirements: RequirementsSpec = RequirementsSpec()
     # When the whole job should be done: a duration from submission ("6h", "90m", 3600) or a
     # time with its zone ("2027-03-01T09:00:00+01:00"). The controller scales pools toward it.
-    deadline: str | float | None = None
+    # Parsed here, once, into a Deadline.
+    deadline: Deadline | None = None
 
     @field_validator("deadline", mode="before")
     @classmethod
-    def _yaml_timestamp_as_text(cls, value: object) -> object:
-        # YAML reads an unquoted 2027-03-01T09:00:00+01:00 as a datetime (and 2027-03-01 as a date).
-        return value.isoformat() if isinstance(value, date) else value
-
-    @field_validator("deadline")
-    @classmethod
-    def _deadline_parses(cls, value: str | float | None) -> str | float | None:
-        if value is not None:
-            Deadline.parse(value, MAX_DEADLINE_S)
-        return value
+    def _parse_deadline(cls, value: object) -> Deadline | None:
+        if value is None or isinstance(value, Deadline):
+            return value
+        if isinstance(value, date):  # YAML reads an unquoted 2027-03-01T09:00:00+01:00 as a datetime
+            value = value.isoformat()
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError("give a duration such as 6h, or a time such as 2027-03-01T09:00:00+01:00")
+        return Deadline.parse(value, MAX_DEADLINE_S)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -214,7 +215,7 @@ class ManifestFile:
     rows: RowsFile | None = None
 
     def where(self, *data_path: Any) -> Where:
-        return Where(str(self.path), _line_of(self.lines, data_path), _field_name(data_path))
+        return Where(str(self.path), line_of(self.lines, data_path), field_name(data_path))
 
     def error(self, message: str, *data_path: Any, hint: str | None = None) -> ManifestError:
         return error_at(self.where(*data_path), message, hint)
@@ -228,7 +229,7 @@ def load_manifest(path: str | Path, output_override: str | None = None) -> Manif
     """Read, parse and validate a manifest file. Raises ManifestError with file:line: field."""
     path = Path(path)
     text = _read_text(path)
-    data, lines = _parse_yaml(text, str(path))
+    data, lines = yamlfile.parse(text, str(path))
     if not isinstance(data, dict):
         raise ManifestError("a manifest must be a YAML mapping (campaign:, prompt:, axes:, …)", file=str(path), line=1)
     try:
@@ -237,7 +238,7 @@ def load_manifest(path: str | Path, output_override: str | None = None) -> Manif
         raise _pydantic_error(exc, data, lines, str(path)) from None
 
     def error(message: str, *data_path: Any, hint: str | None = None) -> ManifestError:
-        return error_at(Where(str(path), _line_of(lines, data_path), _field_name(data_path)), message, hint)
+        return error_at(Where(str(path), line_of(lines, data_path), field_name(data_path)), message, hint)
 
     if not CAMPAIGN_NAME.match(manifest.campaign):
         raise error(
@@ -251,10 +252,8 @@ def load_manifest(path: str | Path, output_override: str | None = None) -> Manif
     except FarmError as exc:
         raise error(exc.message, "model", hint=exc.hint) from None
     target = _output_target(manifest, output_override, base_dir, error)
-    # The schema checked the deadline already; this is where it becomes a value.
-    deadline = Deadline.parse(manifest.deadline, MAX_DEADLINE_S) if manifest.deadline is not None else None
     rows = _read_rows(manifest.rows, base_dir, error) if manifest.rows is not None else None
-    return ManifestFile(manifest, path, text, lines, model, constraints_for(model), target, deadline, rows)
+    return ManifestFile(manifest, path, text, lines, model, constraints_for(model), target, manifest.deadline, rows)
 
 
 def _read_text(path: Path) -> str:
@@ -264,7 +263,7 @@ def _read_text(path: Path) -> str:
     if path.is_dir():
         raise ManifestError(f"{shown} is a directory", hint="give the manifest's .yaml file")
     try:
-        return path.read_text(encoding="utf-8")
+        return yamlfile.read(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read {shown}: {exc}") from None
 
@@ -302,7 +301,12 @@ def _read_rows(rows: str | RowsSource, base_dir: Path, error: Any) -> RowsFile:
         import pyarrow.parquet as pq
 
         try:
+            in_footer = pq.ParquetFile(path).metadata.num_rows  # the footer's count: a crafted file is not read
+            if in_footer > MAX_TASKS:
+                raise error(_too_many_rows(path, in_footer), *field_path, hint="split it, or raise FARM_MAX_TASKS")
             found = RowsFile(path, pq.read_table(path).to_pylist(), 0)
+        except ManifestError:
+            raise
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise error(f"cannot read rows file {path}: {exc}", *field_path) from None
     elif suffix in (".csv", ".tsv"):
@@ -316,13 +320,25 @@ def _read_rows(rows: str | RowsSource, base_dir: Path, error: Any) -> RowsFile:
     return found
 
 
+def _too_many_rows(path: Path, rows: int | None) -> str:
+    """``rows`` None: a CSV file read only as far as the limit."""
+    counted = f"{rows:,} rows" if rows is not None else "more rows"
+    return (
+        f"rows file {path.name} has {counted} than FARM_MAX_TASKS={MAX_TASKS:,}"
+        if rows is None
+        else (f"rows file {path.name} has {counted}, more than FARM_MAX_TASKS={MAX_TASKS:,}")
+    )
+
+
 def _read_csv_rows(path: Path, error: Any, field_path: tuple) -> list[dict[str, Any]]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            records = list(reader)
+            records = list(itertools.islice(reader, MAX_TASKS + 1))  # no further than could ever be allowed
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise error(f"cannot read rows file {path}: {exc}", *field_path) from None
+    if len(records) > MAX_TASKS:
+        raise error(_too_many_rows(path, None), *field_path, hint="split it, or raise FARM_MAX_TASKS")
     if reader.fieldnames is None:
         raise error(f"rows file {path} has no header row", *field_path, hint="add column names")
     for n, record in enumerate(records):
@@ -341,65 +357,6 @@ def _resolve_output(value: str, base_dir: Path) -> str:
         return value.rstrip("/")
     path = Path(value).expanduser()
     return str((path if path.is_absolute() else base_dir / path).resolve())
-
-
-def _parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ManifestError(
-            f"YAML syntax error: {problem}",
-            file=file,
-            line=mark.line + 1 if mark else None,
-            hint="fix the indentation or quoting on that line",
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"YAML error: {exc}", file=file) from None
-    if root is None:
-        raise ManifestError("the manifest is empty", file=file, hint="start from manifests/demo.yaml")
-    lines: dict[tuple, int] = {}
-    _index_lines(root, (), lines, file)
-    return data, lines
-
-
-def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: set = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                raise ManifestError(
-                    f"key {key!r} appears twice",
-                    file=file,
-                    line=key_node.start_mark.line + 1,
-                    field=_field_name((*path, key)),
-                    hint="keep one of them",
-                )
-            seen.add(key)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            _index_lines(value_node, (*path, key), lines, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index_lines(item, (*path, i), lines, file)
-
-
-def _line_of(lines: dict[tuple, int], path: tuple) -> int | None:
-    for end in range(len(path), -1, -1):
-        key = tuple(str(p) if not isinstance(p, int) else p for p in path[:end])
-        if key in lines:
-            return lines[key]
-    return None
-
-
-def _field_name(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def error_at(where: Where, message: str, hint: str | None = None) -> ManifestError:
@@ -477,4 +434,4 @@ def _pydantic_error(exc: ValidationError, data: Any, lines: dict[tuple, int], fi
         message = best["msg"]
         if "input" in best and not isinstance(best["input"], dict | list):
             message = f"{best['input']!r}: {message[0].lower()}{message[1:]}"
-    return ManifestError(message, file=file, line=_line_of(lines, path), field=_field_name(path) or None, hint=hint)
+    return ManifestError(message, file=file, line=line_of(lines, path), field=field_name(path) or None, hint=hint)

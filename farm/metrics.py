@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.task import AttemptStatus
+from farm.task import AttemptStatus, FailureKind
 
 log = logging.getLogger("farm.metrics")
 
@@ -34,7 +34,7 @@ ATTEMPT_STATUSES = tuple(status.value for status in AttemptStatus)
 TASK_STATES = ("queued", "running", "succeeded", "failed", "waiting_for_pool")
 RENDERER_STATES = ("busy", "idle", "loading")
 # Why an attempt failed, as a small fixed set: the error text itself goes to the catalog.
-FAILURE_REASONS = ("render", "encode", "storage", "timeout", "renderer_lost", "bad_renderer", "other")
+FAILURE_REASONS = tuple(kind.value for kind in FailureKind)
 NO_POOL = "none"  # attempts written off by the scheduler without a renderer
 
 _SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)

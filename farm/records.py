@@ -43,8 +43,10 @@ from farm.task import (
     spec,
 )
 
-# v2: attempt_uid, storage, job priority/timeout/storage; v3: job deadline_at; v4: attempt error_kind
-SCHEMA_VERSION = 4
+# v2: attempt_uid, storage, job priority/timeout/storage; v3: job deadline_at; v4: attempt error_kind;
+# v5: render settings precision/cache/compile, attempt run_variant and weights_identity; attempt
+# poster_bytes, poster_sha256 and invalidates
+SCHEMA_VERSION = 5
 
 _PY_TO_ARROW = {str: "string", int: "int64", float: "float64", bool: "bool", datetime: "timestamp"}
 
@@ -255,12 +257,21 @@ ATTEMPT_COLUMNS = [
     Column("attempt_uid", "string"),  # v2: unique per attempt row, for tools that join or dedupe
     Column("storage", "string"),  # v2: StorageKind of the output
     Column("error_kind", "string"),  # v4: FailureKind of a failed attempt; null otherwise
+    Column("run_variant", "string"),  # v5: the variant as run: precision, quantisation, compute dtype, device
+    Column("weights_identity", "string"),  # v5: the weights it ran with (the model's, or its GGUF file's)
+    Column("poster_bytes", "int64"),  # v5: the poster's size and checksum, for farm verify
+    Column("poster_sha256", "string"),
+    # v5: on an ``invalidated`` row, the succeeded attempt whose output was found missing or changed
+    # (its attempt_uid, or task_id@finished_at for rows older than v2)
+    Column("invalidates", "string"),
 ]
 ATTEMPT_FULL_COLUMNS = [*ATTEMPT_COLUMNS, Column("job_id", "string")]  # + the hive partition
 
 
-def attempt_row(task: Task, result: Result, output_root: str, final: bool, recovered: bool = False) -> dict[str, Any]:
-    """The catalog row of one attempt of ``task``."""
+def attempt_row(
+    task: Task, result: Result, output_root: str, final: bool, recovered: bool = False, invalidates: str | None = None
+) -> dict[str, Any]:
+    """The catalog row of one attempt of ``task`` (``invalidates``: see the column)."""
     return {
         "task_id": task.task_id,
         "attempt": result.attempt,
@@ -289,6 +300,11 @@ def attempt_row(task: Task, result: Result, output_root: str, final: bool, recov
         "attempt_uid": uuid.uuid4().hex,
         "storage": StorageKind.of(output_root).value,
         "error_kind": None if result.succeeded else FailureKind(result.error_kind or FailureKind.OTHER).value,
+        "run_variant": result.run_variant,
+        "weights_identity": result.weights_identity,
+        "poster_bytes": result.poster_bytes,
+        "poster_sha256": result.poster_sha256,
+        "invalidates": invalidates,
     }
 
 

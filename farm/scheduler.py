@@ -10,6 +10,8 @@ Policy, in order:
 - the job with the highest priority goes first; jobs of equal priority share the slots by
   in-flight count (fewest in flight first), so a small job is never starved behind a big one;
 - a failed attempt is retried after exponential backoff, up to the job's attempt limit;
+- an attempt that ran out of GPU memory is retried on a pool with more VRAM than the one it ran
+  on, where one is known (else like any failure);
 - a task interrupted by a lost renderer goes back to the queue without spending an attempt,
   unless it has now been on ``max_interruptions`` renderers that died (a task that kills every
   renderer it touches ends failed instead of sinking the pool);
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -167,6 +170,7 @@ class Scheduler:
         self._jobs: dict[str, _Job] = {}
         self._seq = itertools.count()
         self._tiebreak = itertools.count()
+        self._due_at = math.inf  # no delayed retry is due before this
         self.decisions: list[Decision] = []
 
     # --- pools and slots
@@ -248,20 +252,24 @@ class Scheduler:
         self._release_due()
         self._fail_jobs_with_only_banned_slots()
         out: list[Dispatch] = []
-        while True:
-            free = [
-                (self.pools[s.pool].cost_per_hour, len(s.in_flight), name)
-                for name, s in self._slots.items()
-                if len(s.in_flight) < self.in_flight_per_slot
-            ]
-            progressed = False
-            for _, _, name in sorted(free):
+        free = [name for name, s in self._slots.items() if len(s.in_flight) < self.in_flight_per_slot]
+        while free:
+            free.sort(
+                key=lambda name: (
+                    self.pools[self._slots[name].pool].cost_per_hour,
+                    len(self._slots[name].in_flight),
+                    name,
+                )
+            )
+            took = []
+            for name in free:
                 dispatch = self._take(name)
                 if dispatch:
                     out.append(dispatch)
-                    progressed = True
-            if not progressed:
-                return out
+                    took.append(name)
+            # A slot given nothing this round gets nothing the next (queues only shrink meanwhile).
+            free = [name for name in took if len(self._slots[name].in_flight) < self.in_flight_per_slot]
+        return out
 
     def _take(self, slot_name: str) -> Dispatch | None:
         slot = self._slots[slot_name]
@@ -318,13 +326,21 @@ class Scheduler:
         return out
 
     def _release_due(self) -> None:
+        """Retries whose backoff is over go back to their queues (nothing to look at before the
+        earliest is due)."""
         now = self.clock()
+        if now < self._due_at:
+            return
         for job in self._jobs.values():
             while job.delayed and job.delayed[0][0] <= now:
                 job.push(heapq.heappop(job.delayed)[2])
+        self._due_at = min((job.delayed[0][0] for job in self._jobs.values() if job.delayed), default=math.inf)
 
-    def record(self, slot: str, job_id: str, task_id: str, succeeded: bool, error: str = "") -> Decision:
-        """An attempt finished on ``slot`` (a failure includes a timeout)."""
+    def record(
+        self, slot: str, job_id: str, task_id: str, succeeded: bool, error: str = "", oom: bool = False
+    ) -> Decision:
+        """An attempt finished on ``slot`` (a failure includes a timeout; ``oom``: it ran out of GPU
+        memory, and its retry needs more VRAM than the slot's pool has, where a pool has it)."""
         job = self._jobs[job_id]
         s = self._slots.get(slot)
         task = s.in_flight.pop((job_id, task_id), None) if s else None
@@ -342,11 +358,24 @@ class Scheduler:
         if job.slot_failures[slot] >= job.limits.bad_slot_limit:
             job.banned_slots.add(slot)
         if attempt < job.limits.max_attempts:
+            if oom and s is not None:
+                task = self._with_more_vram(task, s.pool)
             delay = self.backoff.delay(attempt)
-            heapq.heappush(job.delayed, (self.clock() + delay, next(self._tiebreak), task))
+            due = self.clock() + delay
+            heapq.heappush(job.delayed, (due, next(self._tiebreak), task))
+            self._due_at = min(self._due_at, due)
             return Decision(job_id, task_id, Outcome.RETRY, error or "failed", delay)
         job.failed += 1
         return Decision(job_id, task_id, Outcome.FAILED, f"{attempt} attempts failed; last: {error or 'failed'}")
+
+    def _with_more_vram(self, task: Task, pool_name: str) -> Task:
+        """``task`` needing more VRAM than ``pool_name`` has, when a known pool offers that; else
+        unchanged (it is retried where it was: the out-of-memory error may not come back)."""
+        pool = self.pools.get(pool_name)
+        if pool is None or pool.vram_gb is None:
+            return task
+        more = replace(task.needs, min_vram_gb=math.nextafter(pool.vram_gb, math.inf))
+        return replace(task, needs=more) if self.routes(more) else task
 
     # --- state
     def progress(self, job_id: str) -> Progress:

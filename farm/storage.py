@@ -13,18 +13,23 @@ from task ids only, never from prompt text.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
 from farm.config import (
     S3_CONNECT_TIMEOUT_S,
+    S3_HEAD_THREADS,
+    S3_LIST_FROM,
     S3_MAX_ATTEMPTS,
     S3_MULTIPART_CHUNK_MB,
     S3_MULTIPART_THRESHOLD_MB,
@@ -104,6 +109,14 @@ class Sink(Protocol):
     def matches(self, name: str, sha256: str) -> bool: ...
 
     def abort_incomplete(self, names: set[str]) -> int: ...
+
+    def check_writable(self) -> None: ...
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int | None]: ...
+
+    def sha256_of(self, name: str) -> str | None: ...
+
+    def discard(self, names: Iterable[str]) -> None: ...
 
 
 def sha256_file(path: Path) -> str:
@@ -205,6 +218,47 @@ class LocalSink:
                 temp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def check_writable(self) -> None:
+        """Fail before rendering, not at the first clip's write, on a folder that cannot be
+        created or written. Creates nothing: a probe is made and removed in the folder, or in its
+        nearest existing parent when the folder does not exist yet (``farm plan`` leaves no trace)."""
+        probe_in = self.root
+        while not probe_in.exists() and probe_in.parent != probe_in:
+            probe_in = probe_in.parent
+        try:
+            if not probe_in.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(probe_in))
+            probe = probe_in / f".farm-probe-{uuid.uuid4().hex[:8]}"
+            probe.mkdir()  # a folder, not a file: creating the output needs exactly this right
+            probe.rmdir()
+        except OSError as exc:
+            raise StorageError(
+                f"{self.uri}: cannot {'write to' if probe_in == self.root else 'create'} this folder "
+                f"({exc.strerror or exc} at {probe_in})",
+                field="output",
+                hint="choose a folder you can write, with --output or the manifest's output:",
+            ) from None
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int | None]:
+        """Each name's size in bytes, None where there is no such file (one stat each)."""
+        out: dict[str, int | None] = {}
+        for name in names:
+            try:
+                out[name] = os.stat(self.root / name).st_size
+            except FileNotFoundError:
+                out[name] = None
+        return out
+
+    def sha256_of(self, name: str) -> str | None:
+        try:
+            return sha256_file(self.root / name)
+        except FileNotFoundError:
+            return None
+
+    def discard(self, names: Iterable[str]) -> None:
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
 
 
 def s3_client(options: StorageOptions):
@@ -320,6 +374,53 @@ class S3Sink:
         except ClientError:
             return False
         return head.get("Metadata", {}).get("sha256") == sha256
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int | None]:
+        """Each name's size in bytes, None where there is no such object: a few names by HEADs in
+        parallel, many (``S3_LIST_FROM`` and up) by listing the prefix, a thousand keys a request."""
+        wanted = list(names)
+        if len(wanted) >= S3_LIST_FROM:
+            listed = self._listed_sizes()
+            return {name: listed.get(self._key(name)) for name in wanted}
+        with ThreadPoolExecutor(max_workers=S3_HEAD_THREADS) as pool:
+            return dict(zip(wanted, pool.map(self._head_size, wanted), strict=True))
+
+    def _listed_sizes(self) -> dict[str, int]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        sizes: dict[str, int] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            sizes.update((o["Key"], o["Size"]) for o in page.get("Contents", []) or [])
+        return sizes
+
+    def _head_size(self, name: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def sha256_of(self, name: str) -> str | None:
+        """The sha256 of the object's bytes as read back now (not the metadata farm stored with it)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        digest = hashlib.sha256()
+        for chunk in body.iter_chunks(_CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def discard(self, names: Iterable[str]) -> None:
+        keys = [{"Key": self._key(n)} for n in names]
+        if keys:
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
 
     def abort_incomplete(self, names: set[str]) -> int:
         """Abort multipart uploads a dead renderer left for these objects (they are invisible, but

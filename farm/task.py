@@ -37,6 +37,9 @@ class AttemptStatus(StrEnum):
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # its renderer died or was stopped; the task goes back to the queue
     CANCELLED = "cancelled"  # its job was cancelled while it ran
+    # Not a try: a succeeded attempt's output was found missing or changed (its row names the
+    # attempt in ``invalidates``); the task is no longer done and is rendered again.
+    INVALIDATED = "invalidated"
 
 
 class TaskStatus(StrEnum):
@@ -85,6 +88,9 @@ class FailureKind(StrEnum):
     RENDERER_LOST = "renderer_lost"  # its renderer (process or node) died under it
     BAD_RENDERER = "bad_renderer"  # the job's renderers kept failing; the scheduler gave up
     MODEL_LOAD = "model_load"  # the renderer could not load the model
+    OUTPUT_MISSING = "output_missing"  # a done task's clip is gone from its output: rendered again
+    OUTPUT_CHANGED = "output_changed"  # a done task's clip is not the file made (size or checksum): rendered again
+    OOM = "oom"  # the accelerator ran out of memory; retried on a pool with more VRAM if there is one
     OTHER = "other"
 
 
@@ -95,6 +101,28 @@ class ModelKind(StrEnum):
     LOCAL = "local"  # a diffusers directory on disk
     HUB = "hub"  # a Hugging Face hub id, from the local cache
     FAKE = "fake"  # benchmark-only stand-ins (farm/models/fake.py)
+
+
+class Precision(StrEnum):
+    """How a model's weights are held and computed (``render: precision:``; farm/models/variants.py).
+    ``auto`` is resolved at plan time to one of the others: a task never runs as ``auto``."""
+
+    BF16 = "bf16"  # every component resident in bf16 (float32 on a CPU, and the record says so)
+    BF16_OFFLOAD = "bf16-offload"  # bf16, streamed from CPU memory group by group: same pixels, less VRAM
+    INT8 = "int8"  # transformer weights int8 (torchao, weight-only), quantised at load
+    Q8 = "q8"  # transformer from a Q8_0 GGUF file
+    Q4 = "q4"  # transformer from a Q4_0 GGUF file
+    AUTO = "auto"  # the best variant that fits the cheapest pool able to take the task
+
+
+class CacheMode(StrEnum):
+    """diffusers cache hooks that reuse transformer work across denoising steps (``render: cache:``).
+    Each changes the pixels, so it is part of the task id; parameters are fixed per mode."""
+
+    NONE = "none"
+    FIRST_BLOCK = "first-block"  # FirstBlockCacheConfig(threshold=0.05)
+    PAB = "pab"  # PyramidAttentionBroadcastConfig: self-attention reused every 2nd step in t∈(100, 800)
+    TAYLORSEER = "taylorseer"  # TaylorSeerCacheConfig defaults
 
 
 class Mode(StrEnum):
@@ -139,8 +167,11 @@ class RenderSettings:
     frames: int = field(default=DEFAULT_FRAMES, metadata=spec("int32", gt=0, le=10000))
     fps: int = field(default=DEFAULT_FPS, metadata=spec("int32", gt=0, le=240))
     steps: int = field(default=DEFAULT_STEPS, metadata=spec("int32", gt=0, le=1000))
-    guidance: float = field(default=DEFAULT_GUIDANCE, metadata=spec(ge=0, le=100))
+    guidance: float = field(default=DEFAULT_GUIDANCE, metadata=spec(gt=0, le=100, allow_inf_nan=False))
     negative_prompt: str = ""  # may hold {placeholders}, filled per variant
+    precision: Precision = Precision.BF16  # resolved per task at plan time when auto
+    cache: CacheMode = CacheMode.NONE
+    compile: bool = False  # torch.compile the transformer (warmed once per renderer; numerics differ slightly)
 
 
 @dataclass(frozen=True)
@@ -190,15 +221,21 @@ class Task:
         return dict(self.variant)
 
 
+# Render settings added after task ids were first stored are hashed only when they differ from what
+# farm did before them, so a manifest that does not use them keeps its task ids (and its clips).
+HASHED_WHEN_NOT = {"precision": Precision.BF16, "cache": CacheMode.NONE, "compile": False}
+
+
 def compute_task_id(
     model_identity: str, mode: str, prompt: str, settings: RenderSettings, seed: int, inputs: tuple[str, ...] = ()
 ) -> str:
     """A stable hash of everything that changes the pixels (and the file: fps)."""
+    hashed = {k: v for k, v in asdict(settings).items() if k not in HASHED_WHEN_NOT or v != HASHED_WHEN_NOT[k]}
     payload = {
         "model": model_identity,
         "mode": mode,
         "prompt": prompt,
-        "settings": asdict(settings),
+        "settings": hashed,
         "seed": seed,
         "inputs": list(inputs),
     }
@@ -232,6 +269,10 @@ class Result:
     started_at: float = 0.0
     finished_at: float = 0.0
     error_kind: FailureKind | None = None  # why a failed attempt failed
+    poster_bytes: int = 0
+    poster_sha256: str = ""
+    run_variant: str = ""  # the variant exactly as run, e.g. "q4 Q4_0-gguf compute=float32 cpu"
+    weights_identity: str = ""  # which weights: the model's identity, or the GGUF file's
 
     @property
     def succeeded(self) -> bool:

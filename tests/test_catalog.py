@@ -74,8 +74,9 @@ def test_batched_writes_status_and_done_set(filled):
     assert len(catalog._files(catalog._path("attempts"))) == 7
     status = catalog.status(job)
     assert status.counts == {"succeeded": 16, "failed": 4, "pending": 0} and status.state == "submitted"
-    done = catalog.done([t.task_id for t in tasks], OUT)
-    assert len(done) == 16 and catalog.done([t.task_id for t in tasks], "/elsewhere") == {}
+    done = catalog.done_rows([t.task_id for t in tasks], OUT)  # as recorded: OUT holds no files to verify
+    assert len(done) == 16 and catalog.done_rows([t.task_id for t in tasks], "/elsewhere") == {}
+    assert catalog.done([t.task_id for t in tasks], OUT) == {}  # verified: no clip there, nothing done
 
 
 def test_results_filter_by_status_variant_and_time(filled):
@@ -175,4 +176,5 @@ def test_catalog_written_by_schema_v3_reads_whole(tmp_path):
     assert [r["status"] for r in rows] == ["succeeded", "failed"]
     assert all(r["error_kind"] is None and r["schema_version"] == 3 for r in rows)
     assert catalog.results(job, ResultFilter(error_kind="render")) == []
-    assert catalog.done([t.task_id for t in tasks], "/out/v3job") == {tasks[0].task_id: "/out/v3job/a.mp4"}
+    done = catalog.done_rows([t.task_id for t in tasks], "/out/v3job")
+    assert {task_id: row["output_uri"] for task_id, row in done.items()} == {tasks[0].task_id: "/out/v3job/a.mp4"}

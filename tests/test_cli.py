@@ -189,15 +189,16 @@ def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, wri
     assert 0 < len(finished_before) < 24
 
     env.pop("FARM_TEST_FAULTS")
-    resumed = subprocess.run(
+    resumed = subprocess.Popen(
         [*FARM, "submit", str(manifest), "--workers", "2", "--format", "json"],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads(resumed.stdout)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    summary = json.loads(out)
     assert summary["already_done"] >= len(finished_before) and summary["failed"] == 0
     assert summary["already_done"] + summary["rendered"] == 24
 
@@ -209,3 +210,9 @@ def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, wri
     assert _count(outputs, "*.mp4") == 24 and not list(outputs.glob(".*.tmp-*"))
     if how == "sigkill":
         assert any(r["recovered"] for r in rows.to_pylist())
+        # The killed farm's lock was no obstacle (the kernel dropped it); the submit that found its
+        # .embedded.json recorded the job it had been running as interrupted, and stopped cleanly.
+        state = json.loads((farm_home / "catalog" / ".embedded.json").read_text())
+        assert state["state"] == "stopped" and state["pid"] == resumed.pid
+        killed = [j for j in json.loads(farm("jobs", "--format", "json").stdout) if j["job_id"] != summary["job_id"]]
+        assert [j["state"] for j in killed] == ["interrupted"]

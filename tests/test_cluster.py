@@ -151,6 +151,21 @@ def test_a_task_no_pool_can_take_is_a_plan_error(farm, farm_home, write_manifest
         api.plan(path, address="auto")
 
 
+def test_an_attempt_that_runs_out_of_gpu_memory_is_retried_on_a_pool_with_more_vram(
+    farm, farm_home, write_manifest, faults
+):
+    faults(Fault("oom clip", fail_attempts=1, action="oom"))
+    outcome = api.submit(manifest(write_manifest, "oom", 1), address="auto")
+    assert (outcome.run.succeeded, outcome.run.failed) == (1, 0)
+    nodes = node_ids_by_pool(farm)
+    rows = sorted(assert_exactly_once(farm_home, [outcome.job_id])["rows"], key=lambda r: r["attempt"])
+    assert [(r["attempt"], r["status"], r["error_kind"], r["node_id"]) for r in rows] == [
+        (1, "failed", "oom", nodes["small"]),  # the cheapest pool first: 24 GB
+        (2, "succeeded", None, nodes["big"]),  # the same variant again, on the pool with more VRAM
+    ]
+    assert rows[1]["precision"] == "bf16" and rows[1]["run_variant"] == "bf16 compute=float32 cpu"
+
+
 def test_priorities_across_jobs_sharing_one_controller(farm, farm_home, write_manifest, faults):
     faults(Fault("clip", action="slow", hang_s=0.3))
     low_thread, low = submit_in_background(manifest(write_manifest, "low", 24))

@@ -185,8 +185,7 @@ def test_output_defaults_under_farm_home_and_resolves_relative_to_manifest(tmp_p
         ),
         (
             "campaign: x\nprompt: hi\naxes:\n  product: [a, b\n",
-            ":5: YAML syntax error: expected ',' or ']', but got '<stream end>' — fix the indentation or quoting "
-            "on that line",
+            ":5: YAML syntax error: did not find expected ',' or ']' — fix the indentation or quoting on that line",
         ),
         (
             "campaign: x\nprompt: hi\ncampaign: y\n",
@@ -314,8 +313,11 @@ def test_since_and_until_share_the_deadline_grammar():
 
 
 def test_unquoted_yaml_time_is_a_deadline(write_manifest, farm_home):
+    from datetime import datetime, timedelta, timezone
+
     loaded = load_manifest(write_manifest(BASE + "deadline: 2099-03-01T09:00:00+01:00\n"))
-    assert loaded.manifest.deadline == "2099-03-01T09:00:00+01:00"
+    assert loaded.deadline is not None
+    assert loaded.deadline.fixed == datetime(2099, 3, 1, 9, tzinfo=timezone(timedelta(hours=1)))
 
 
 def test_a_passed_deadline_does_not_stop_a_late_campaign_from_resuming(write_manifest, farm_home):

@@ -306,13 +306,18 @@ def test_plan_uses_measured_render_times(farm_home, tmp_path):
             "0",
         )
     )
+    output = Path(before.manifest.target.uri)
+    output.mkdir(parents=True, exist_ok=True)
     with catalog.writer("earlier") as writer:
         for t in earlier:
+            clip = output / f"{t.task_id}.mp4"
+            clip.write_bytes(b"clip")  # "done" is verified: the clip must be there with its recorded size
             done = Result(
                 t.task_id,
                 1,
                 AttemptStatus.SUCCEEDED,
-                output_uri=f"/x/{t.task_id}.mp4",
+                output_uri=str(clip),
+                bytes=4,
                 timings=Timings(load_s=30.0, generate_s=10.0, encode_s=1.5, write_s=0.5),
             )
             writer.add(attempt_row(t, done, before.manifest.target.uri, final=True))

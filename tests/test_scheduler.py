@@ -162,3 +162,37 @@ def test_cancel_stops_dispatch_and_reports_in_flight_work():
 
 def test_backoff_is_capped():
     assert [Backoff(0.5, 3.0).delay(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_each_retry_is_released_when_its_own_backoff_ends():
+    # Delayed retries are not looked at before the earliest is due: one recorded later with a
+    # shorter backoff must not wait for an earlier, longer one, nor run before its own ends.
+    clock = FakeClock()
+    backoff = Backoff(base_s=1.0, max_s=10.0)
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=1, backoff=backoff, clock=clock)
+    for job in ("long", "short"):
+        s.add_job(job, make_tasks(1, job), limits=JobLimits(max_attempts=3, bad_slot_limit=10))
+    slots = {d.job_id: d.slot for d in s.next_dispatches()}
+    s.record(slots["long"], "long", "long000", succeeded=False)  # attempt 1: due at 1.0
+    clock.now = 1.0
+    assert [(d.job_id, d.attempt) for d in s.next_dispatches()] == [("long", 2)]
+    s.record(slots["long"], "long", "long000", succeeded=False)  # attempt 2: due at 1.0 + 2.0
+    s.record(slots["short"], "short", "short000", succeeded=False)  # attempt 1: due at 1.0 + 1.0
+    clock.now = 1.99
+    assert s.next_dispatches() == []
+    clock.now = 2.0
+    assert [(d.job_id, d.attempt) for d in s.next_dispatches()] == [("short", 2)]
+    clock.now = 2.99
+    assert s.next_dispatches() == []
+    clock.now = 3.0
+    assert [(d.job_id, d.attempt) for d in s.next_dispatches()] == [("long", 3)]
+
+
+def test_free_slots_fill_one_task_each_per_round_cheapest_first():
+    cheap, dear = Pool("cheap", cost_per_hour=1.0), Pool("dear", cost_per_hour=5.0)
+    s = scheduler_with({"c1": cheap, "c2": cheap, "d1": dear, "none": Pool("tiny", vram_gb=1.0)}, in_flight_per_slot=3)
+    s.add_job("j", make_tasks(7, needs=Requirements(min_vram_gb=8.0)))
+    assert [d.slot for d in s.next_dispatches()] == ["c1", "c2", "d1", "c1", "c2", "d1", "c1"]
+    assert s.next_dispatches() == []  # the rest of the job waits for a free place
+    s.record("d1", "j", s.slot_load("d1")[0][1], succeeded=True)
+    assert s.progress("j").queued == 0 and s.next_dispatches() == []

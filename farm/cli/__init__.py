@@ -1,7 +1,8 @@
 """The `farm` command: parse arguments, call farm.api, show the answer. No logic of its own.
 
-Exit codes: 0 everything succeeded, 1 some tasks failed, 2 bad input (one line on stderr),
-130 interrupted.
+Exit codes: 0 everything succeeded, 1 some tasks failed (or, for verify and catalog check,
+problems remain), 2 bad input (one line on stderr), 70 an unexpected error (one line on stderr,
+the traceback in a log under $FARM_HOME/logs), 130 interrupted.
 
 One module per command group, each registering its commands on the shared app (common.app):
 planning (validate, plan), submit (submit, cancel), cluster (pools; the cluster sub-app),
@@ -11,18 +12,21 @@ heavier inside the command, so that `farm --help` stays quick.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from pathlib import Path
 
 import typer
 
 # isort: off
 # The command modules register their commands as they are imported: this order is the order of `farm --help`.
-from farm.cli import planning, submit, cluster, jobs, results  # noqa: F401
+from farm.cli import planning, submit, cluster, jobs, results, verify  # noqa: F401
 
 # isort: on
 from farm.cli.catalog import catalog_app
 from farm.cli.cluster import cluster_app
-from farm.cli.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, app, err, stdout
+from farm.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, app, err, stdout
 from farm.cli.monitor import monitor_app
 from farm.config import check_environment
 from farm.errors import FarmError
@@ -45,6 +49,7 @@ else:  # pragma: no cover - older typer
 
 def main() -> None:
     stdout.real, sys.stdout = sys.stdout, sys.stderr
+    _warnings_as_lines()
     try:
         check_environment()  # a bad FARM_* value is one line here, not a surprise mid-job
         # Without standalone mode click hands back typer.Exit's code instead of exiting.
@@ -64,3 +69,46 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         err.print(f"error: {message} — see '{command} --help'", markup=False, highlight=False)
         sys.exit(EXIT_BAD_INPUT)
+    except Exception as exc:  # a bug, not a user's mistake: one line here, the traceback in a log
+        log = _crash_log(exc)
+        what = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        err.print(
+            f"error: internal error in 'farm {' '.join(sys.argv[1:2])}': {what} — the full traceback is in {log}; "
+            "please report it with that file",
+            markup=False,
+            highlight=False,
+        )
+        sys.exit(EXIT_INTERNAL)
+
+
+def _warnings_as_lines() -> None:
+    """farm's warnings (a damaged catalog file skipped…) as one 'warning:' line each on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("farm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
+def _crash_log(exc: BaseException) -> Path:
+    """Write the traceback to $FARM_HOME/logs (the temp folder if that cannot be written)."""
+    import tempfile
+    import traceback
+    from datetime import datetime
+
+    from farm import __version__
+    from farm.config import logs_dir
+
+    text = f"farm {__version__}, python {sys.version.split()[0]}\ncommand: {sys.argv}\n\n" + "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__)
+    )
+    name = f"farm-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    for folder in (logs_dir(), Path(tempfile.gettempdir()) / "farm-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return Path("(no log: neither $FARM_HOME/logs nor the temp folder could be written)")

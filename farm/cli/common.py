@@ -43,6 +43,7 @@ out = Console(file=cast(TextIO, stdout), soft_wrap=True, width=None if sys.stdou
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INTERNAL = 70  # an unexpected error: a bug in farm (sysexits' EX_SOFTWARE); the traceback goes to a log
 
 
 class Format(StrEnum):

@@ -54,6 +54,8 @@ def plan(
 
 
 def _summary(manifest: Path, p: api.Plan) -> dict:
+    from farm.models.variants import precision_counts  # loaded with api already
+
     mf = p.manifest
     return {
         "campaign": mf.manifest.campaign,
@@ -67,6 +69,7 @@ def _summary(manifest: Path, p: api.Plan) -> dict:
         "max_attempts": mf.max_attempts,
         "priority": mf.manifest.priority,
         "routes": p.routes,
+        "precision": precision_counts(p.to_render),  # the variant each task resolved to
         "deadline_s": round(p.deadline_s) if p.deadline_s is not None else None,
         "scaling": _scaling_dict(p.scaling),
     }

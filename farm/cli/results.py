@@ -17,7 +17,7 @@ from rich.table import Table
 
 from farm.cli.common import ClusterOpt, app, err, out, stdout
 from farm.errors import FarmError
-from farm.task import FailureKind
+from farm.task import AttemptStatus, FailureKind
 from farm.timeparse import time_ago
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def results(
         ResultsFormat, typer.Option("--format", "-f", help="table, csv, json or parquet (parquet needs --out).")
     ] = ResultsFormat.table,
     status_filter: Annotated[
-        str | None, typer.Option("--status", help="Only tasks with this status (succeeded, failed).")
+        AttemptStatus | None, typer.Option("--status", help="Only tasks whose last attempt ended this way.")
     ] = None,
     where: Annotated[
         list[str] | None, typer.Option("--where", help="Only rows whose variant has KEY=VALUE (repeatable).")

@@ -44,7 +44,8 @@ def submit(
 ) -> None:
     """Render every task of a manifest that is not done yet, and catalog every attempt.
 
-    Without --address the job runs on an embedded Ray and the command waits for it. With
+    Without --address the job runs on an embedded Ray and the command waits for it; a second
+    submit on the same catalog joins the running one (and takes it over if it stops). With
     --address it goes to that cluster's controller and the command returns at once (--wait
     follows it); the job runs on whether or not this shell stays."""
     from farm import api
@@ -53,7 +54,7 @@ def submit(
     follow = wait or not address
     display = _Progress(show, address)
     try:
-        with display.progress:
+        try:
             result = api.submit(
                 manifest,
                 address=address,
@@ -62,7 +63,10 @@ def submit(
                 on_progress=display.on_progress if follow else None,
                 on_plan=display.on_plan,
                 wait=follow,
+                on_notice=display.on_notice,
             )
+        finally:
+            display.stop()
     except KeyboardInterrupt:
         if address and display.job_ids:  # only this shell stopped: the cluster's controller runs the job on
             job_id = display.job_ids[0]
@@ -114,6 +118,7 @@ class _Progress:
             )
         if p.to_render:
             self.bar.append(self.progress.add_task("rendering", total=len(p.to_render), detail="starting renderers…"))
+            self.progress.start()  # only now: a bad manifest or a finished job leaves stderr to its one line
         if self.address and p.to_render and p.manifest.target.kind is StorageKind.LOCAL:
             err.print(
                 f"note: output {p.manifest.target.uri} is a local path: each node writes its clips to that "
@@ -121,6 +126,15 @@ class _Progress:
                 markup=False,
                 highlight=False,
             )
+
+    def on_notice(self, line: str) -> None:
+        """What this submit does about the embedded farm (joined it, keeps it up, took it over)."""
+        if self.show:
+            self.progress.console.print(line, markup=False, highlight=False)
+
+    def stop(self) -> None:
+        if self.bar:
+            self.progress.stop()
 
     def on_progress(self, pr) -> None:
         if self.bar:
@@ -162,7 +176,7 @@ def _run_summary(result: api.SubmitOutcome) -> dict:
     return {
         "job_id": result.job_id,
         "tasks": len(result.plan.tasks),
-        "already_done": len(result.plan.done) + result.recovered,
+        "already_done": _already_done(result),
         "rendered": run.succeeded if run else 0,
         "failed": run.failed if run else 0,
         "attempts": run.attempts if run else 0,
@@ -172,6 +186,16 @@ def _run_summary(result: api.SubmitOutcome) -> dict:
         "outputs": result.output,
         "catalog": result.catalog_root,
     }
+
+
+def _already_done(result: api.SubmitOutcome) -> int:
+    """Tasks done before this job rendered them: at plan time, adopted, or (a job that shared tasks
+    with another running job) rendered by that job meanwhile."""
+    before = len(result.plan.done) + result.recovered
+    run = result.run
+    if run is not None and run.state == "finished":
+        return max(before, len(result.plan.tasks) - run.succeeded - run.failed)
+    return before
 
 
 def _print_run(result: api.SubmitOutcome, summary: dict) -> None:

@@ -9,7 +9,15 @@ from farm.models.registry import (
     constraints_for,
     estimate_vram_gb,
     load_pipeline,
+    prompt_token_counter,
     resolve_model,
 )
 
-__all__ = ["ModelConstraints", "constraints_for", "estimate_vram_gb", "load_pipeline", "resolve_model"]
+__all__ = [
+    "ModelConstraints",
+    "constraints_for",
+    "estimate_vram_gb",
+    "load_pipeline",
+    "prompt_token_counter",
+    "resolve_model",
+]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from farm.config import HUB_CONNECT_TIMEOUT_S, models_dir
 from farm.errors import ModelError
 from farm.models.fake import FAKE_SPEC, fake_pipeline
 from farm.models.tiny import TINY_ROPE_MAX_SEQ_LEN, TINY_VERSION, ensure_tiny_model
+from farm.models.variants import GGUF_DIR, need_gb
 from farm.task import ModelKind, ModelRef, RenderSettings
 
 BUILTIN_MODELS = ("tiny",)
@@ -110,10 +112,14 @@ def _pipeline_class(index: Path) -> str:
 
 def _directory_fingerprint(path: Path) -> str:
     """Hash of every config file and the size of every weight file: moving or copying the
-    directory keeps task ids; retraining or swapping weights changes them."""
+    directory keeps task ids; retraining or swapping weights changes them. GGUF variants of the
+    transformer (``gguf/``) are not in it: adding one leaves the bf16 tasks' ids alone, and a
+    GGUF variant's own identity goes into its tasks' ids (farm/models/variants.py)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
+        if rel.startswith(f"{GGUF_DIR}/"):
+            continue
         digest.update(rel.encode())
         if file.suffix in {".json", ".txt", ".model"}:
             digest.update(file.read_bytes())
@@ -171,18 +177,44 @@ def _wan_constraints(path: Path) -> ModelConstraints:
 
 
 def estimate_vram_gb(model: ModelRef, settings: RenderSettings) -> float:
-    """A rough GPU-memory need for a clip, for routing when the manifest states none: the
-    weights (as bf16) plus activations that grow with width × height × frames."""
-    if model.kind in (ModelKind.BUILTIN, ModelKind.FAKE):
-        return 0.0
-    weights_gb = _weights_gb(model.location) if model.kind is ModelKind.LOCAL else 0.0
-    pixels_frames = settings.width * settings.height * settings.frames
-    return round(weights_gb + 2.0 + pixels_frames * 2.5e-7, 1)
+    """The GPU memory (GiB) a clip needs with the precision its settings ask for, for routing when
+    the manifest states none (``auto``: the least any variant it may pick needs). An estimate:
+    see farm/models/variants.py."""
+    return need_gb(model, settings.precision, settings)
 
 
-@functools.cache
-def _weights_gb(location: str) -> float:
-    return sum(p.stat().st_size for p in Path(location).rglob("*.safetensors")) / 2**30
+# WanPipeline encodes at most this many prompt tokens (its max_sequence_length) and drops the
+# rest without a word: the end of an ad prompt, its call to action, is what would be lost.
+WAN_MAX_PROMPT_TOKENS = 512
+
+
+def prompt_token_counter(model: ModelRef) -> tuple[Callable[[str], int], int] | None:
+    """(tokens a prompt takes, the most the model's text encoder reads), or None when farm cannot
+    count them for this model without loading it (a family other than Wan, a hub model not in the
+    local cache)."""
+    if model.kind is ModelKind.BUILTIN:  # its tokenizer is byte-level (tiny.py), plus </s>
+        return (lambda prompt: len(prompt.encode("utf-8")) + 1), WAN_MAX_PROMPT_TOKENS
+    if not model.family.startswith("Wan"):
+        return None
+    tokenizer_file: Path | None = None
+    if model.kind is ModelKind.LOCAL:
+        tokenizer_file = Path(model.location) / "tokenizer" / "tokenizer.json"
+    elif model.kind is ModelKind.HUB:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model.location, "tokenizer/tokenizer.json")
+        tokenizer_file = Path(cached) if isinstance(cached, str) else None
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        return None
+    from tokenizers import Tokenizer  # light: the Rust tokenizer alone, not transformers
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+
+    @functools.lru_cache(maxsize=65536)  # a matrix repeats its prompts; each is counted once
+    def count(prompt: str) -> int:
+        return len(tokenizer.encode(prompt).ids)
+
+    return count, WAN_MAX_PROMPT_TOKENS
 
 
 def _hub_reachable() -> bool:

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from farm.locks import exclusive
+
 # Bump when any config or the seed below changes: it is part of every tiny task's id.
 TINY_VERSION = "v1"
 TINY_SEED = 20261125
@@ -26,11 +28,19 @@ def tiny_dir(models_root: Path) -> Path:
 
 
 def ensure_tiny_model(models_root: Path) -> Path:
-    """Build the tiny model under ``models_root`` once; safe when several processes race."""
+    """Build the tiny model under ``models_root`` once: concurrent first runs (two submits on a fresh
+    FARM_HOME) take a lock in the folder, so one builds and the others wait and find it built."""
     target = tiny_dir(models_root)
     if (target / "model_index.json").exists():
         return target
     models_root.mkdir(parents=True, exist_ok=True)
+    with exclusive(models_root / ".tiny-build.lock"):
+        if not (target / "model_index.json").exists():
+            _build_once(models_root, target)
+    return target
+
+
+def _build_once(models_root: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=models_root))
     try:
         _build(staging)
@@ -41,7 +51,6 @@ def ensure_tiny_model(models_root: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _byte_level_tokenizer():
