@@ -48,7 +48,15 @@ else:  # pragma: no cover - older typer
 
 
 def main() -> None:
-    stdout.real, sys.stdout = sys.stdout, sys.stderr
+    original = sys.stdout
+    stdout.real, sys.stdout = original, sys.stderr
+    try:
+        _run()
+    finally:  # called in-process (tests, embedding): leave stdout as it was found
+        stdout.real, sys.stdout = None, original
+
+
+def _run() -> None:
     _warnings_as_lines()
     try:
         check_environment()  # a bad FARM_* value is one line here, not a surprise mid-job
