@@ -252,6 +252,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
         folder = Path(tmp)
         os.environ["FARM_HOME"] = str(folder / "home")
+        # The controllers serve metrics on a free port: never a running farm's 9400, never scraped.
+        os.environ["FARM_METRICS_ADDRESS"] = "127.0.0.1:0"
         # A Ray of its own ("local"), never one another process on this machine started.
         ray.init(
             address="local", num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
