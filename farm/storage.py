@@ -212,10 +212,16 @@ class LocalSink:
 
     def abort_incomplete(self, names: set[str]) -> int:
         """Remove temporary files a killed writer left for these names."""
+        # One listing of the folder, not a glob per name: admission calls this for every task to do.
         removed = 0
-        for name in names:
-            for temp in self.root.glob(f".{name}.tmp-*"):
-                temp.unlink(missing_ok=True)
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            name, sep, _ = entry.name[1:].rpartition(".tmp-")
+            if entry.name.startswith(".") and sep and name in names:
+                Path(entry.path).unlink(missing_ok=True)
                 removed += 1
         return removed
 

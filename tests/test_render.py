@@ -78,3 +78,15 @@ def test_fake_models_are_named_as_such_and_go_through_the_same_render_path(tmp_p
     result = renderer.render(task, 1, OutputTarget(str(tmp_path / "out")))
     assert result.succeeded and result.timings.generate_s >= 0.005
     assert probe(tmp_path / "out" / "fake-task.mp4").frames == 3
+
+
+def test_local_sink_removes_only_the_temp_files_of_the_names_asked_for(tmp_path):
+    from farm.storage import LocalSink
+
+    sink = LocalSink(tmp_path)
+    for name in ("a.mp4", "a.jpg", "b.mp4"):
+        (tmp_path / f".{name}.tmp-1234abcd").write_bytes(b"half")
+    (tmp_path / "a.mp4").write_bytes(b"done")
+    assert sink.abort_incomplete({"a.mp4", "a.jpg", "c.mp4"}) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.mp4.tmp-1234abcd", "a.mp4"]
+    assert LocalSink(tmp_path / "absent").abort_incomplete({"a.mp4"}) == 0
