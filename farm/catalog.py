@@ -354,7 +354,8 @@ class Catalog(VerifiedDone):
             elapsed_s = (max(r["finished_at"] for r in made) - min(r["started_at"] for r in made)).total_seconds()
         return RunSummary(
             succeeded=sum(r["status"] == "succeeded" for r in made),
-            failed=sum(r["status"] == AttemptStatus.FAILED and r["final"] for r in made),
+            # A blocked task (never attempted: a task it depends on failed) did not make its clip either.
+            failed=sum(r["status"] in (AttemptStatus.FAILED, AttemptStatus.BLOCKED) and r["final"] for r in made),
             attempts=sum(r["status"] in (AttemptStatus.SUCCEEDED, AttemptStatus.FAILED) for r in made),
             interrupted=sum(r["status"] == AttemptStatus.INTERRUPTED for r in made),
             elapsed_s=elapsed_s,
@@ -386,28 +387,7 @@ class Catalog(VerifiedDone):
         return [self._status(job, cols) for job in jobs]
 
     def _status(self, job: JobRecord, cols: list[list]) -> JobStatus:
-        mine = set(job.task_ids)
-        done: set[str] = set()
-        failed: set[str] = set()
-        attempts = rendered = 0
-        invalid = _invalidated(cols[1], cols[3], cols[7], job.output)
-        for task_id, status, final, root, job_id, uid, finished, _ in zip(*cols, strict=True):
-            if task_id not in mine:
-                continue
-            if job_id == job.job_id and status != AttemptStatus.INVALIDATED:
-                attempts += 1
-            key = success_key({"task_id": task_id, "attempt_uid": uid, "finished_at": finished}) if invalid else ""
-            if status == AttemptStatus.SUCCEEDED and root == job.output and key not in invalid:
-                done.add(task_id)
-                rendered += job_id == job.job_id
-            elif status == AttemptStatus.FAILED and final and job_id == job.job_id:
-                failed.add(task_id)
-        failed -= done
-        counts = {
-            TaskStatus.SUCCEEDED.value: len(done),
-            TaskStatus.FAILED.value: len(failed),
-            TaskStatus.PENDING.value: len(mine) - len(done) - len(failed),
-        }
+        counts, attempts, rendered = _task_counts(job, cols)
         events = self.events(job.job_id)
         state = _job_state(events[-1]["event"] if events else JobEvent.SUBMITTED)
         return JobStatus(job, state, counts, attempts, rendered, events[-1]["at"] if events else None)
@@ -521,3 +501,37 @@ class AttemptWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.flush()
+
+
+def _task_counts(job: JobRecord, cols: list[list]) -> tuple[dict[str, int], int, int]:
+    """A job's tasks by TaskStatus, its attempts, and the clips it rendered itself, from the
+    attempts' columns (``Catalog.statuses``)."""
+    mine = set(job.task_ids)
+    done: set[str] = set()
+    failed: set[str] = set()
+    blocked: set[str] = set()
+    attempts = rendered = 0
+    invalid = _invalidated(cols[1], cols[3], cols[7], job.output)
+    for task_id, status, final, root, job_id, uid, finished, _ in zip(*cols, strict=True):
+        if task_id not in mine:
+            continue
+        if job_id == job.job_id and status not in (AttemptStatus.INVALIDATED, AttemptStatus.BLOCKED):
+            attempts += 1
+        key = success_key({"task_id": task_id, "attempt_uid": uid, "finished_at": finished}) if invalid else ""
+        if status == AttemptStatus.SUCCEEDED and root == job.output and key not in invalid:
+            done.add(task_id)
+            rendered += job_id == job.job_id
+        elif status == AttemptStatus.FAILED and final and job_id == job.job_id:
+            failed.add(task_id)
+        elif status == AttemptStatus.BLOCKED and job_id == job.job_id:
+            blocked.add(task_id)
+    failed -= done
+    blocked -= done | failed
+    counts = {
+        TaskStatus.SUCCEEDED.value: len(done),
+        TaskStatus.FAILED.value: len(failed),
+        TaskStatus.PENDING.value: len(mine) - len(done) - len(failed) - len(blocked),
+    }
+    if blocked:  # only a job with a task graph has them
+        counts[TaskStatus.BLOCKED.value] = len(blocked)
+    return counts, attempts, rendered

@@ -67,6 +67,15 @@ MAX_YAML_NODES = 100_000  # values once aliases are expanded
 MAX_TASKS = int(_env_number("FARM_MAX_TASKS", 1_000_000, minimum=1, integer=True))
 # A deadline: at most this far ahead (a longer one is a typo more often than a plan).
 MAX_DEADLINE_S = 366 * 86400
+# Inputs (image:, last_image:, video:): checked when the manifest is validated.
+MAX_INPUT_BYTES = 2 * 2**30  # one image or video file
+MIN_INPUT_SIDE = 16  # pixels: smaller is no picture to condition on
+MAX_INPUT_SIDE = 16384
+MAX_INPUT_FRAMES = 100_000  # a source video's frames decoded at most
+# Sequences: shots per sequence, and the frames a cut overlaps (a later segment's first frame
+# continues, or shares, its predecessor's last: it is trimmed when the film is stitched).
+MAX_SHOTS = 1000
+SEQUENCE_OVERLAP_FRAMES = 1
 
 # ----------------------------------------------------------------------------- outputs (S3)
 
@@ -167,6 +176,11 @@ def models_dir() -> Path:
     """Built-in models are built here once; FARM_MODELS_DIR shares one cache between farm homes."""
     shared = os.environ.get("FARM_MODELS_DIR")
     return Path(shared).expanduser().resolve() if shared else farm_home() / "models"
+
+
+def input_cache_dir() -> Path:
+    """This node's inputs, fetched once and kept by content hash."""
+    return farm_home() / "cache" / "inputs"
 
 
 def metrics_address() -> str:

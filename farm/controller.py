@@ -260,6 +260,8 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
                     self._renderer_started(slot, ref)
                 elif ref in self.fleet.in_flight:  # not written off with its renderer meanwhile
                     self._collect(ref)
+            for decision in self.scheduler.drain_decisions():  # e.g. tasks blocked by a failure just recorded
+                self._apply(decision, None, None)
             # The jobs whose attempts came in may be over; every job is looked at with the fleet.
             self.book.finish_over(None if looked_over else self._touched)
             self._touched.clear()

@@ -16,12 +16,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from farm.conditions import Conditions, Layered, Resolved
 from farm.config import MAX_TASKS
 from farm.manifest import (
+    CONDITIONING_FIELDS,
     RENDER_FIELDS,
     SEED_MAX,
     AxisEntry,
     AxisValue,
+    ConditioningKeys,
     ManifestFile,
     RenderOverrides,
     RequirementsSpec,
@@ -29,10 +32,11 @@ from farm.manifest import (
     Scalar,
     SeedRange,
     Where,
+    conditioning_of,
     error_at,
 )
 from farm.models import estimate_vram_gb, prompt_token_counter
-from farm.task import Mode, RenderSettings, Requirements, Task, compute_task_id
+from farm.task import Conditioning, RenderSettings, Requirements, Task, compute_task_id
 from farm.template import Template, TemplateError, parse_template
 from farm.yamlfile import DataPath
 
@@ -82,6 +86,7 @@ class _Combination:
     seeds: Sequence[int]
     prompt_where: Where  # where its prompt and negative prompt were written, for messages
     negative_where: Where
+    resolved: Resolved  # its mode and inputs
 
 
 @dataclass(frozen=True)
@@ -92,34 +97,67 @@ class _Layered:
     needs: Requirements
     negative: Template  # the negative prompt, still to fill per combination
     negative_where: Where
+    conditioning: Layered  # mode and inputs, input paths still to fill per combination
 
 
-def expand(mf: ManifestFile) -> Expansion:
-    """Expand a manifest into its tasks (deterministic order; identical tasks collapse)."""
+Inspect = Callable[[str], Any]  # an input's URI → its InputInfo (farm/inputs.py)
+
+
+def _inspector(mf: ManifestFile, inspect: Inspect | None) -> Inspect:
+    if inspect is not None:
+        return inspect
+    from farm.inputs import InputInspector
+
+    return InputInspector(mf.target.options)
+
+
+def expand(mf: ManifestFile, inspect: Inspect | None = None) -> Expansion:
+    """Expand a manifest into its tasks (deterministic order; identical tasks collapse).
+    ``inspect``: how inputs are read (default: from disk or S3, each URI once)."""
+    if mf.manifest.sequence is not None:
+        from farm.sequence.plan import expand_sequences
+
+        conditions = Conditions(mf, _inspector(mf, inspect))
+        return expand_sequences(mf, _resolved(mf, conditions), conditions)
     tasks: dict[str, Task] = {}
     expanded = 0
-    for c in _resolved(mf):
+    for c in _resolved(mf, Conditions(mf, _inspector(mf, inspect))):
         variant = tuple(sorted(c.values.items()))
+        r = c.resolved
+        mode = r.conditioning.mode
         for seed in c.seeds:
             expanded += 1
-            task_id = compute_task_id(mf.model.identity, Mode.T2V, c.prompt, c.settings, seed)
+            task_id = compute_task_id(r.identity, mode, c.prompt, c.settings, seed, r.hashed_inputs, r.hashed)
             if task_id not in tasks:
                 tasks[task_id] = Task(
-                    task_id, c.prompt, seed, mf.model, c.settings, variant, Mode.T2V, c.source, c.needs
+                    task_id,
+                    c.prompt,
+                    seed,
+                    mf.model,
+                    c.settings,
+                    variant,
+                    r.conditioning,
+                    c.source,
+                    c.needs,
+                    r.inputs,
                 )
     return Expansion(list(tasks.values()), expanded)
 
 
-def count(mf: ManifestFile) -> Count:
+def count(mf: ManifestFile, inspect: Inspect | None = None) -> Count:
     """How many distinct tasks the manifest makes, checking everything ``expand`` checks, without
     making a Task (or hashing a task id) per task: what ``farm validate`` needs, at a fraction of
-    the time and memory on a million tasks. The model and mode are one per manifest, so a task is
-    told apart by its prompt, settings and seed."""
-    seen: set[tuple[str, RenderSettings, int]] = set()
+    the time and memory on a million tasks. A task is told apart by its prompt, settings, seed
+    and what its task id hashes of its mode and inputs."""
+    if mf.manifest.sequence is not None:  # a sequence's tasks hash their parents': counted by planning them
+        planned = expand(mf, inspect)
+        return Count(len(planned.tasks), planned.expanded)
+    seen: set[tuple[Any, ...]] = set()
     expanded = 0
-    for c in _resolved(mf):
+    for c in _resolved(mf, Conditions(mf, _inspector(mf, inspect))):
         expanded += len(c.seeds)
-        seen.update((c.prompt, c.settings, seed) for seed in c.seeds)
+        key = c.resolved.key
+        seen.update((c.prompt, c.settings, seed, key) for seed in c.seeds)
     return Count(len(seen), expanded)
 
 
@@ -138,12 +176,19 @@ def _seeds(mf: ManifestFile) -> Sequence[int]:
     return seeds
 
 
-def _resolved(mf: ManifestFile) -> Iterator[_Combination]:
+def _resolved(mf: ManifestFile, conditions: Conditions) -> Iterator[_Combination]:
     """Every combination of the matrix, then every explicit task, resolved. The task count is
-    checked against FARM_MAX_TASKS before the first one is made."""
+    checked against FARM_MAX_TASKS before the first one is made. With a ``sequence:`` the
+    combinations have no prompt: each is one sequence, its shots' prompts filled from its values."""
     m = mf.manifest
     seeds = _seeds(mf)
     groups = _axis_groups(mf) + ([_rows_group(mf.rows)] if mf.rows is not None else [])
+    if m.sequence is not None:
+        if m.prompt is not None:
+            raise mf.error(
+                "a sequence's prompts are its shots' prompts", "prompt", hint="move it into sequence: shots:"
+            )
+        m = m.model_copy(update={"prompt": ""})
     if m.prompt is None and groups:
         raise mf.error(
             "axes, zip or rows are given but there is no prompt template to fill",
@@ -154,10 +199,11 @@ def _resolved(mf: ManifestFile) -> Iterator[_Combination]:
     if m.prompt is None and not explicit:
         raise mf.error("the manifest defines no tasks", "campaign", hint="add prompt: (and axes:) or tasks:")
     _check_task_count(mf, groups, explicit, seeds)
-    layering = _Layering(mf)
+    layering = _Layering(mf, conditions)
     length = _PromptLength(mf)
     if m.prompt is not None:
-        _check_placeholders(mf, m.prompt, {n for _, g in groups for n in g[0].values}, ("prompt",))
+        if m.sequence is None:
+            _check_placeholders(mf, m.prompt, {n for _, g in groups for n in g[0].values}, ("prompt",))
         template, prompt_where = parse_template(m.prompt), mf.where("prompt")
         plain: _Layered | None = None  # worked out at the first plain combination: every part may override
         for parts in itertools.product(*(g for _, g in groups)):
@@ -180,13 +226,14 @@ def _resolved(mf: ManifestFile) -> Iterator[_Combination]:
                     seeds,
                     prompt_where,
                     plain.negative_where,
+                    conditions.resolve(plain.conditioning, values, settings),
                 )
             else:
-                combination = layering.combination("matrix", list(parts), values, seeds)
+                combination = layering.combination("matrix", list(parts), values, seeds, m.prompt)
             length.check(combination)
             yield combination
     for source, part in explicit:
-        combination = layering.combination(source, [part], dict(part.values), seeds)
+        combination = layering.combination(source, [part], dict(part.values), seeds, m.prompt)
         length.check(combination)
         yield combination
 
@@ -206,7 +253,7 @@ def _explicit_tasks(mf: ManifestFile) -> list[tuple[str, _Variant]]:
             _check_placeholders(mf, m.prompt or "", set(extra.vars), ("tasks", i, "vars"))
         variant = _Variant(
             values={k: _text(v) for k, v in extra.vars.items()},
-            overrides=[(extra.render.set_fields(), ("tasks", i, "render"))] if extra.render.set_fields() else [],
+            overrides=_layers(extra, ("tasks", i)),
             prompt=extra.prompt,
             prompt_where=mf.where("tasks", i, "prompt"),
             seed=extra.seed,
@@ -222,8 +269,8 @@ def _check_task_count(
     """Refuse more than FARM_MAX_TASKS tasks, counted from the sizes that multiply, before any is made."""
     sizes = [(label, len(parts)) for label, parts in groups if parts]
     matrix, own_seed = 0, 0
-    if mf.manifest.prompt is not None:
-        matrix = math.prod(n for _, n in sizes) * len(seeds)
+    if mf.manifest.prompt is not None or mf.manifest.sequence is not None:
+        matrix = math.prod(n for _, n in sizes) * len(seeds) * _tasks_per_combination(mf)
         if mf.rows is not None:  # a row with its own seed makes one task, not one per seed
             own_seed = sum(1 for p in groups[-1][1] if p.seed is not None)
             matrix -= matrix // len(groups[-1][1]) // len(seeds) * own_seed * (len(seeds) - 1)
@@ -239,6 +286,14 @@ def _check_task_count(
             "campaign",
             hint="use fewer values, or raise FARM_MAX_TASKS if you mean it",
         )
+
+
+def _tasks_per_combination(mf: ManifestFile) -> int:
+    if mf.manifest.sequence is None:
+        return 1
+    from farm.sequence.plan import tasks_per_sequence
+
+    return tasks_per_sequence(mf.manifest.sequence)
 
 
 class _PromptLength:
@@ -278,16 +333,17 @@ class _Layering:
     """Render settings and requirements of a combination: the manifest's own layered with each
     part's overrides, computed once per distinct set of overriding parts."""
 
-    def __init__(self, mf: ManifestFile) -> None:
+    def __init__(self, mf: ManifestFile, conditions: Conditions) -> None:
         self.mf = mf
-        self.base: Layer = (mf.manifest.render.set_fields(), ("render",))
+        self.conditions = conditions
+        self.base: list[Layer] = [(mf.manifest.render.set_fields(), ("render",)), (conditioning_of(mf.manifest), ())]
         self.cache: dict[tuple[int, ...], _Layered] = {}
 
     def of(self, parts: list[_Variant]) -> _Layered:
         key = tuple(id(p) for p in parts if p.overrides or p.requirements is not None)
         if key not in self.cache:
-            layers = [self.base, *(layer for p in parts for layer in p.overrides)]
-            settings, provenance = _layer_settings(RenderSettings(), layers, self.mf)
+            layers = [*self.base, *(layer for p in parts for layer in p.overrides)]
+            settings, conditioning, provenance = _layer_settings(layers, self.mf)
             where = {name: self.mf.where(*o) if isinstance(o, tuple) else o for name, o in provenance.items()}
             for name, problem in self.mf.constraints.problems(settings.width, settings.height, settings.frames).items():
                 raise error_at(where[name], f"{problem} (model {self.mf.model.spec})")
@@ -300,14 +356,15 @@ class _Layering:
             except TemplateError as exc:
                 raise error_at(where["negative_prompt"], str(exc), "write literal braces as {{ and }}") from None
             needs = Requirements(vram, wanted.gpu_type, wanted.pool)
-            self.cache[key] = _Layered(settings, needs, negative, where["negative_prompt"])
+            layered = self.conditions.layered(conditioning, where)
+            self.cache[key] = _Layered(settings, needs, negative, where["negative_prompt"], layered)
         return self.cache[key]
 
     def combination(
-        self, source: str, parts: list[_Variant], values: dict[str, str], seeds: Sequence[int]
+        self, source: str, parts: list[_Variant], values: dict[str, str], seeds: Sequence[int], template: str | None
     ) -> _Combination:
         """A combination with a part that overrides something: settings, prompt, seed or needs."""
-        prompt_template, prompt_where, seed = self.mf.manifest.prompt, None, None
+        prompt_template, prompt_where, seed = template, None, None
         for part in parts:
             if part.prompt is not None:
                 prompt_template, prompt_where = part.prompt, part.prompt_where
@@ -326,7 +383,10 @@ class _Layering:
         prompt = parse_template(prompt_template or "").fill(values)
         seeds = [seed] if seed is not None else seeds
         where = prompt_where or self.mf.where("prompt")
-        return _Combination(source, values, prompt, settings, layered.needs, seeds, where, layered.negative_where)
+        resolved = self.conditions.resolve(layered.conditioning, values, settings)
+        return _Combination(
+            source, values, prompt, settings, layered.needs, seeds, where, layered.negative_where, resolved
+        )
 
 
 def _text(value: Scalar) -> str:
@@ -391,10 +451,19 @@ def _axis_groups(mf: ManifestFile) -> list[Group]:
     return groups
 
 
+def _layers(entry: AxisValue | Any, path: DataPath) -> list[Layer]:
+    """An axis value's or a task's overrides: its render: keys and its conditioning keys."""
+    out: list[Layer] = []
+    if overrides := entry.render.set_fields():
+        out.append((overrides, (*path, "render")))
+    if conditioning := conditioning_of(entry):
+        out.append((conditioning, path))
+    return out
+
+
 def _entry_variant(mf: ManifestFile, name: str, entry: AxisEntry, path: DataPath) -> _Variant:
     if isinstance(entry, AxisValue):
-        overrides = entry.render.set_fields()
-        return _Variant({name: _text(entry.value)}, [(overrides, (*path, "render"))] if overrides else [])
+        return _Variant({name: _text(entry.value)}, _layers(entry, path))
     return _Variant({name: _text(entry)})
 
 
@@ -409,11 +478,12 @@ def _row_variant(record: dict[str, Any], where: Where) -> _Variant:
     for column, raw in record.items():
         column = str(column).strip()
         cell = raw.strip() if isinstance(raw, str) else raw
-        if column in RENDER_FIELDS:
+        if column in RENDER_FIELDS or column in CONDITIONING_FIELDS:
             if cell in ("", None):
                 continue
+            schema = RenderOverrides if column in RENDER_FIELDS else ConditioningKeys
             try:
-                overrides.update(RenderOverrides.model_validate({column: cell}).set_fields())
+                overrides.update(schema.model_validate({column: cell}).set_fields())
             except ValidationError as exc:
                 msg = exc.errors()[0]["msg"]
                 raise error_at(
@@ -474,11 +544,11 @@ def _check_placeholders(mf: ManifestFile, template: str, known: set[str], path: 
                 )
 
 
-def _layer_settings(
-    base: RenderSettings, layers: list[Layer], mf: ManifestFile
-) -> tuple[RenderSettings, dict[str, Origin]]:
-    merged = dict(base.__dict__)
-    provenance: dict[str, Origin] = {name: ("model",) for name in RENDER_FIELDS}
+def _layer_settings(layers: list[Layer], mf: ManifestFile) -> tuple[RenderSettings, Conditioning, dict[str, Origin]]:
+    """The render settings and the conditioning the layers make, over the defaults, and where each
+    value was set (a value never set points at the model: its default applies)."""
+    merged: dict[str, Any] = {**RenderSettings().__dict__, **Conditioning().__dict__}
+    provenance: dict[str, Origin] = {name: ("model",) for name in (*RENDER_FIELDS, *CONDITIONING_FIELDS)}
     for overrides, origin in layers:
         for name, value in overrides.items():
             merged[name] = value
@@ -487,4 +557,5 @@ def _layer_settings(
                 if isinstance(origin, tuple)
                 else Where(origin.file, origin.line, f"{origin.field} column {name}")
             )
-    return RenderSettings(**merged), provenance
+    settings = RenderSettings(**{k: merged[k] for k in RENDER_FIELDS})
+    return settings, Conditioning(**{k: merged[k] for k in CONDITIONING_FIELDS}), provenance

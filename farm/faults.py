@@ -26,16 +26,23 @@ class Fault:
     number is ≤ ``fail_attempts``: ``action`` "raise" fails the attempt, "exit" kills the
     renderer process, "hang" sleeps ``hang_s`` then fails (for timeouts), "slow" sleeps
     ``hang_s`` then renders normally, "oom" raises torch's OutOfMemoryError, as a GPU that ran
-    out of memory does."""
+    out of memory does. ``once``: a file path; the fault strikes only the first time, across every
+    renderer process (an interrupted attempt keeps its number, so ``fail_attempts`` can't say that)."""
 
     prompt_contains: str
     fail_attempts: int = 1_000_000
     action: str = "raise"
     hang_s: float = 3600.0
+    once: str = ""
 
     def apply(self, task: Task, attempt: int) -> None:
         if self.prompt_contains not in task.prompt or attempt > self.fail_attempts:
             return
+        if self.once:
+            try:
+                os.close(os.open(self.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         if self.action == "exit":
             os._exit(17)  # a renderer dying mid-task, as on OOM or node loss
         if self.action == "oom":

@@ -48,6 +48,8 @@ class JobProgress:
     elapsed_s: float
     eta_s: float | None
     renderers: int
+    blocked: int = 0  # of failed: never attempted, a task they depend on failed
+    waiting: int = 0  # for the tasks they depend on
 
 
 @dataclass
@@ -194,6 +196,8 @@ class JobBook:
             elapsed,
             eta,
             self.renderers_of(job.model.identity),
+            p.blocked,
+            p.waiting,
         )
 
     def cancel(self, job_id: str) -> JobProgress | None:
@@ -214,12 +218,16 @@ class JobBook:
         if job is None or task is None:
             return None
         if result is None:  # a decision without an attempt result: interrupted, poison task, stuck job
-            status = {Outcome.FAILED: AttemptStatus.FAILED, Outcome.DROPPED: AttemptStatus.CANCELLED}.get(
-                decision.outcome, AttemptStatus.INTERRUPTED
-            )
+            status = {
+                Outcome.FAILED: AttemptStatus.FAILED,
+                Outcome.DROPPED: AttemptStatus.CANCELLED,
+                Outcome.BLOCKED: AttemptStatus.BLOCKED,
+            }.get(decision.outcome, AttemptStatus.INTERRUPTED)
             # With a dispatch its renderer died under it; without one the scheduler gave up on the
-            # job's renderers after repeated failures.
+            # job's renderers after repeated failures, or a task it depends on failed.
             kind = FailureKind.RENDERER_LOST if d else FailureKind.BAD_RENDERER
+            if decision.outcome is Outcome.BLOCKED:
+                kind = FailureKind.PARENT_FAILED
             result = attempt_result(
                 decision.task_id, d.attempt if d else decision.attempt, status, decision.reason, kind
             )

@@ -66,9 +66,10 @@ def progress_from_catalog(controller: Any, job_id: str) -> JobProgress:
     if live is not None:
         return live
     c = status.counts
+    failed = c.get("failed", 0) + c.get("blocked", 0)
     state = JobState.INTERRUPTED if status.state in (JobState.RUNNING, JobState.SUBMITTED) else status.state
     return JobProgress(
-        job_id, status.job.task_count, c.get("succeeded", 0), c.get("failed", 0), 0, c.get("pending", 0), 0, state,
+        job_id, status.job.task_count, c.get("succeeded", 0), failed, 0, c.get("pending", 0), 0, state,
         0.0, None, 0,
     )  # fmt: skip
 

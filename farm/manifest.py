@@ -20,6 +20,7 @@ import types
 import typing
 from dataclasses import dataclass
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,18 +33,20 @@ from farm.config import (
     DEFAULT_RETRIES,
     DEFAULT_TASK_TIMEOUT_S,
     MAX_DEADLINE_S,
+    MAX_SHOTS,
     MAX_TASKS,
     outputs_dir,
 )
 from farm.errors import FarmError, ManifestError
 from farm.models import ModelConstraints, constraints_for, resolve_model
 from farm.storage import OutputTarget, StorageOptions, check_output
-from farm.task import ModelRef, RenderSettings, Requirements
+from farm.task import Conditioning, ModelRef, RenderSettings, Requirements, Stitching
 from farm.timeparse import Deadline
 from farm.yamlfile import field_name, line_of
 
 Scalar = str | int | float | bool
 RENDER_FIELDS = tuple(f.name for f in dataclasses.fields(RenderSettings))
+CONDITIONING_FIELDS = tuple(f.name for f in dataclasses.fields(Conditioning))
 CAMPAIGN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 SEED_MAX = 2**63 - 1
 
@@ -79,7 +82,13 @@ if TYPE_CHECKING:
     RenderOverrides = _Overrides
     RequirementsSpec = _Overrides
     StorageSettings = _Overrides
+    ConditioningKeys = _Overrides
+    StitchingSettings = _Overrides
 else:
+    ConditioningKeys = _optional_fields_of(
+        Conditioning, "ConditioningKeys", "mode:, image:, last_image:, video:, strength:, fit: of what they sit in."
+    )
+    StitchingSettings = _optional_fields_of(Stitching, "StitchingSettings", "How a sequence's segments are joined.")
     RenderOverrides = _optional_fields_of(
         RenderSettings, "RenderOverrides", "Render settings; any may be left out to inherit from the layer below."
     )
@@ -91,12 +100,21 @@ else:
     )
 
 
-class AxisValue(BaseModel):
-    """An axis value that also changes render settings, e.g. a platform's aspect ratio::
+def conditioning_of(model: BaseModel) -> dict[str, Any]:
+    """The conditioning keys (``mode:``, ``image:``, …) a campaign, axis value or task sets."""
+    return {k: v for k in CONDITIONING_FIELDS if (v := getattr(model, k)) is not None}
+
+
+class AxisValue(ConditioningKeys, BaseModel):
+    """An axis value that also changes render settings or inputs, e.g. a platform's aspect ratio
+    or a product's packshot::
 
     platform:
       - value: tiktok
         render: {width: 48, height: 80}
+    product:
+      - value: bottle
+        image: packshots/bottle.png
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -117,8 +135,9 @@ class SeedRange(BaseModel):
     base: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
 
 
-class ExtraTask(BaseModel):
-    """A hand-written task: its own prompt (or the template filled from ``vars``), seed, settings."""
+class ExtraTask(ConditioningKeys, BaseModel):  # BaseModel named for linters: its fields are pydantic
+    """A hand-written task: its own prompt (or the template filled from ``vars``), seed, settings,
+    mode and inputs."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -138,7 +157,33 @@ class RowsSource(BaseModel):
     path: str
 
 
-class Manifest(BaseModel):
+class Shot(BaseModel):
+    """One shot of a sequence: its prompt (a template, filled per variant), its length, and
+    optionally the keyframe image it starts on (``image:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    frames: Annotated[int, Field(gt=0, le=10000)] | None = None
+    image: str | None = None
+
+
+class SequencePlan(StrEnum):
+    CHAINED = "chained"  # each segment continues the last frame of the one before
+    KEYFRAMES = "keyframes"  # keyframe stills first, then every segment between two keyframes at once
+
+
+class SequenceSpec(StitchingSettings):
+    """``sequence:``: shots rendered as segments and stitched into one film, per variant and seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plan: SequencePlan = SequencePlan.CHAINED
+    shots: Annotated[list[Shot], Field(min_length=1, max_length=MAX_SHOTS)]
+    last_image: str | None = None  # keyframes plan: the film's closing keyframe, instead of rendering one
+
+
+class Manifest(ConditioningKeys, BaseModel):  # BaseModel named for linters: its fields are pydantic
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)  # arbitrary: Deadline
 
     campaign: str
@@ -149,6 +194,7 @@ class Manifest(BaseModel):
     zip: list[dict[str, list[AxisEntry]]] = []
     seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | SeedRange = [0]
     tasks: list[ExtraTask] = []
+    sequence: SequenceSpec | None = None
     rows: str | RowsSource | None = None
     output: str | None = None
     storage: StorageSettings = StorageSettings()

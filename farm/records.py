@@ -19,6 +19,8 @@ validation never pays for it.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import time
 import types
 import typing
@@ -30,13 +32,16 @@ from typing import Any
 
 from farm.config import DEFAULT_PRIORITY, DEFAULT_TASK_TIMEOUT_S
 from farm.task import (
+    Conditioning,
     FailureKind,
-    Mode,
+    InputRef,
+    InputRole,
     ModelKind,
     ModelRef,
     RenderSettings,
     Requirements,
     Result,
+    Stitching,
     StorageKind,
     Task,
     Timings,
@@ -45,8 +50,9 @@ from farm.task import (
 
 # v2: attempt_uid, storage, job priority/timeout/storage; v3: job deadline_at; v4: attempt error_kind;
 # v5: render settings precision/cache/compile, attempt run_variant and weights_identity; attempt
-# poster_bytes, poster_sha256 and invalidates
-SCHEMA_VERSION = 5
+# poster_bytes, poster_sha256 and invalidates; v6: conditioning (image, last_image, video, strength,
+# fit), stitching, parents, inputs (attempts: as read), seam_score, seam_scores
+SCHEMA_VERSION = 6
 
 _PY_TO_ARROW = {str: "string", int: "int64", float: "float64", bool: "bool", datetime: "timestamp"}
 
@@ -57,7 +63,9 @@ class Column:
     until a schema is needed)."""
 
     name: str
-    type: str  # string | bool | int16 | int32 | int64 | float64 | timestamp | map<string,string> | list<string>
+    # string | bool | int16 | int32 | int64 | float64 | timestamp | map<string,string> | list<string> |
+    # list<double> | list<input> (InputRef: role, uri, sha256)
+    type: str
 
 
 def columns_of(record: type, prefix: str = "", skip: Iterable[str] = ()) -> list[Column]:
@@ -99,6 +107,8 @@ def arrow_schema(columns: Sequence[Column]) -> Any:
         "timestamp": pa.timestamp("ms", tz="UTC"),
         "map<string,string>": pa.map_(pa.string(), pa.string()),
         "list<string>": pa.list_(pa.string()),
+        "list<double>": pa.list_(pa.float64()),
+        "list<input>": pa.list_(pa.struct([("role", pa.string()), ("uri", pa.string()), ("sha256", pa.string())])),
     }
     return pa.schema([(c.name, types_[c.type]) for c in columns])
 
@@ -113,13 +123,29 @@ def _plain(value: Any) -> Any:
 
 
 def build(record: type, row: Mapping[str, Any], prefix: str = "") -> Any:
-    """A dataclass from a row's columns (``prefix + field``); null columns keep the field's default."""
+    """A dataclass from a row's columns (``prefix + field``); null columns keep the field's default,
+    str enum fields come back as their enum."""
     kwargs = {}
+    enums = _enum_fields(record)
     for f in dataclasses.fields(record):
         value = row.get(prefix + f.name)
         if value is not None:
-            kwargs[f.name] = value
+            kwargs[f.name] = enums[f.name](value) if f.name in enums else value
     return record(**kwargs)
+
+
+@functools.cache
+def _enum_fields(record: type) -> dict[str, type]:
+    hints = typing.get_type_hints(record)
+    out = {}
+    for f in dataclasses.fields(record):
+        bare = hints[f.name]
+        if typing.get_origin(bare) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(bare) if a is not type(None)]
+            bare = args[0] if len(args) == 1 else bare
+        if isinstance(bare, type) and issubclass(bare, enum.Enum):
+            out[f.name] = bare
+    return out
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -180,13 +206,30 @@ TASK_COLUMNS = [
     Column("task_id", "string"),
     Column("prompt", "string"),
     Column("seed", "int64"),
-    Column("mode", "string"),
+    *columns_of(Conditioning),  # its "mode" column is older than the rest (v1)
     Column("source", "string"),
     Column("variant", "map<string,string>"),
     *columns_of(ModelRef, prefix="model_"),
     *columns_of(RenderSettings),
     *columns_of(Requirements),
+    Column("inputs", "list<input>"),  # v6
+    Column("parents", "list<string>"),  # v6
+    *columns_of(Stitching, prefix="stitch_"),  # v6: null unless a stitch task
 ]
+
+
+def inputs_value(inputs: Sequence[InputRef]) -> list[dict[str, str]]:
+    return [{"role": i.role.value, "uri": i.uri, "sha256": i.sha256} for i in inputs]
+
+
+def inputs_from(value: Sequence[Mapping[str, Any]] | None) -> tuple[InputRef, ...]:
+    return tuple(InputRef(InputRole(i["role"]), i["uri"], i["sha256"] or "") for i in value or ())
+
+
+def _stitching_values(task: Task) -> dict[str, Any]:
+    if task.stitching is None:
+        return {c.name: None for c in columns_of(Stitching, prefix="stitch_")}
+    return values_of(task.stitching, prefix="stitch_")
 
 
 def task_row(task: Task) -> dict[str, Any]:
@@ -194,12 +237,15 @@ def task_row(task: Task) -> dict[str, Any]:
         "task_id": task.task_id,
         "prompt": task.prompt,
         "seed": task.seed,
-        "mode": task.mode.value,
+        **values_of(task.conditioning),
         "source": task.source,
         "variant": list(task.variant),
         **values_of(task.model, prefix="model_"),
         **values_of(task.settings),
         **values_of(task.needs),
+        "inputs": inputs_value(task.inputs),
+        "parents": list(task.parents),
+        **_stitching_values(task),
     }
 
 
@@ -219,9 +265,12 @@ def tasks_from_columns(columns: Mapping[str, list[Any]], count: int) -> list[Tas
                 model=dataclasses.replace(model, kind=ModelKind(model.kind)),
                 settings=build(RenderSettings, row),
                 variant=tuple(row["variant"] or ()),
-                mode=Mode(row["mode"] or Mode.T2V),
+                conditioning=build(Conditioning, row),
                 source=row["source"] or "",
                 needs=build(Requirements, row),
+                inputs=inputs_from(row.get("inputs")),
+                parents=tuple(row.get("parents") or ()),
+                stitching=build(Stitching, row, prefix="stitch_") if row.get("stitch_crossfade") is not None else None,
             )
         )
     return out
@@ -239,7 +288,7 @@ ATTEMPT_COLUMNS = [
     Column("seed", "int64"),
     Column("model", "string"),  # as the manifest names it
     Column("model_identity", "string"),
-    Column("mode", "string"),  # Mode
+    *columns_of(Conditioning),  # "mode" since v1, the others v6
     *columns_of(RenderSettings),
     Column("output_root", "string"),
     Column("output_uri", "string"),
@@ -264,6 +313,14 @@ ATTEMPT_COLUMNS = [
     # v5: on an ``invalidated`` row, the succeeded attempt whose output was found missing or changed
     # (its attempt_uid, or task_id@finished_at for rows older than v2)
     Column("invalidates", "string"),
+    # v6: the inputs as read (URI and the sha256 of the bytes read: a parent's clip too), the tasks
+    # it depended on, how a stitch joined, a chained segment's seam against the segment before it,
+    # a stitched film's seams (one per cut)
+    Column("inputs", "list<input>"),
+    Column("parents", "list<string>"),
+    *columns_of(Stitching, prefix="stitch_"),
+    Column("seam_score", "float64"),
+    Column("seam_scores", "list<double>"),
 ]
 ATTEMPT_FULL_COLUMNS = [*ATTEMPT_COLUMNS, Column("job_id", "string")]  # + the hive partition
 
@@ -282,7 +339,7 @@ def attempt_row(
         "seed": task.seed,
         "model": task.model.spec,
         "model_identity": task.model.identity,
-        "mode": task.mode.value,
+        **values_of(task.conditioning),
         **values_of(task.settings),
         "output_root": output_root,
         "output_uri": result.output_uri,
@@ -305,6 +362,11 @@ def attempt_row(
         "poster_bytes": result.poster_bytes,
         "poster_sha256": result.poster_sha256,
         "invalidates": invalidates,
+        "inputs": inputs_value(result.inputs or task.inputs),
+        "parents": list(task.parents),
+        **_stitching_values(task),
+        "seam_score": result.seam_score,
+        "seam_scores": list(result.seam_scores) if result.seam_scores else None,
     }
 
 

@@ -42,8 +42,10 @@ from farm.models.loading import (  # light: torch and diffusers are imported whe
     set_tiling,
 )
 from farm.pipelining import ClipFlow, Utilisation
+from farm.records import inputs_from
+from farm.render_inputs import InputReadError, Prepared, TaskInputs, seam_of
 from farm.storage import OutputTarget, Sink, open_sink
-from farm.task import AttemptStatus, FailureKind, ModelKind, ModelRef, Precision, Result, Task, Timings
+from farm.task import AttemptStatus, FailureKind, InputRef, Mode, ModelKind, ModelRef, Precision, Result, Task, Timings
 from farm.video import encode_mp4, to_uint8, write_poster
 
 if TYPE_CHECKING:
@@ -82,6 +84,9 @@ class _Clip:
     generate_s: float
     run_variant: str  # read when it was generated: the next clip may change what the renderer holds
     weights_identity: str
+    inputs: tuple[InputRef, ...] = ()  # as read
+    seam_score: float | None = None
+    seam_scores: tuple[float, ...] = ()
 
 
 class _VariantLoadError(RuntimeError):
@@ -110,6 +115,8 @@ class Renderer:
         self._sinks: dict[OutputTarget, Sink] = {}
         self.compile_backend = compile_backend
         self.flow = ClipFlow()
+        self.task_inputs = TaskInputs()
+        self._modes: Any = None  # the pipeline of each mode, made on first use (models/modes.py)
         self._base: Any = None  # the model as loaded into host memory, until a variant takes it
         self._loaded: Loaded | None = None  # the variant held, ready on the device
         self.load_error = ""
@@ -153,7 +160,7 @@ class Renderer:
             started = time.time()
             try:
                 with self.flow.generating() as ticket:
-                    clip = self._generate_stage(task, attempt)
+                    clip = self._generate_stage(task, attempt, output)
             except Exception as exc:  # a task's failure is data for the catalog, not a crash of the renderer
                 return self._generation_failed(task, attempt, started, exc)
             with self.flow.finishing(ticket):
@@ -175,29 +182,38 @@ class Renderer:
             "weights_identity": variant[1],
         }
 
-    def _generate_stage(self, task: Task, attempt: int) -> _Clip:
-        """The first stage, holding the accelerator: the task's variant made ready, then its frames."""
-        if self.load_error:
-            raise RuntimeError(f"model not loaded: {self.load_error}")
+    def _generate_stage(self, task: Task, attempt: int, output: OutputTarget) -> _Clip:
+        """The first stage, holding the accelerator: the task's inputs read, its variant made ready,
+        then its frames (a film: its segments stitched; no model)."""
         if task.model.identity != self.model.identity:
             raise ValueError(f"task wants model {task.model.spec}, this renderer holds {self.model.spec}")
+        if task.mode is Mode.STITCH:
+            faults.inject(task, attempt)
+            t0 = time.perf_counter()
+            film = self.task_inputs.stitch(task, self._sink(output))
+            return _Clip(film.frames, time.perf_counter() - t0, "stitch", "", film.read, None, film.seams)
+        if self.load_error:
+            raise RuntimeError(f"model not loaded: {self.load_error}")
+        prepared = self.task_inputs.prepare(task, self._sink(output), output.options)
         loaded = self._ready_for(task)
         faults.inject(task, attempt)  # test-only; nothing unless FARM_TEST_FAULTS is set
         t0 = time.perf_counter()
-        frames = to_uint8(self._generate(task, loaded))
+        frames = to_uint8(self._generate(task, loaded, prepared))
         generate_s = time.perf_counter() - t0
         self.flow.generated(generate_s)
-        return _Clip(frames, generate_s, loaded.run_variant, loaded.weights_identity)
+        seam = seam_of(prepared.before, frames)
+        return _Clip(frames, generate_s, loaded.run_variant, loaded.weights_identity, prepared.read, seam)
 
     def _generation_failed(self, task: Task, attempt: int, started: float, exc: Exception) -> Result:
         kind = FailureKind.MODEL_LOAD if isinstance(exc, _VariantLoadError) else FailureKind.RENDER
+        kind = FailureKind.INPUT if isinstance(exc, InputReadError) else kind
         if _is_oom(exc):
             kind = FailureKind.OOM
             _free_device_memory()  # what the failed clip held; the variant's weights stay for the next task
         return Result(
             **self._fields(task, attempt, started, _variant_of(self._loaded)),
             status=AttemptStatus.FAILED,
-            error=str(exc) if isinstance(exc, _VariantLoadError) else _one_line(exc),
+            error=str(exc) if isinstance(exc, _VariantLoadError | InputReadError) else _one_line(exc),
             finished_at=time.time(),
             error_kind=kind,
         )
@@ -232,6 +248,9 @@ class Renderer:
                 poster_sha256=poster.sha256,
                 timings=Timings(self.load_seconds, t1 - t0, t2 - t1, t3 - t2),
                 finished_at=time.time(),
+                inputs=clip.inputs,
+                seam_score=clip.seam_score,
+                seam_scores=clip.seam_scores,
             )
             sink.put_json(result_record(result), f"{task.task_id}.json")  # the commit marker, last
             # The marker is part of writing the clip: count it (the marker itself can't hold its own time).
@@ -317,29 +336,28 @@ class Renderer:
                 output_type="latent",
             )
 
-    def _generate(self, task: Task, loaded: Loaded) -> Any:
+    def _generate(self, task: Task, loaded: Loaded, prepared: Prepared) -> Any:
         s = task.settings
         if task.model.kind is ModelKind.FAKE:
             return loaded.pipeline(num_frames=s.frames, height=s.height, width=s.width).frames[0]
-        import torch
+        from farm.models.modes import ModePipelines, generate
 
-        generator = torch.Generator(device="cpu").manual_seed(task.seed)
-        with torch.inference_mode():
-            output = loaded.pipeline(
-                prompt=task.prompt,
-                negative_prompt=s.negative_prompt or None,
-                height=s.height,
-                width=s.width,
-                num_frames=s.frames,
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance,
-                generator=generator,
-                output_type="np",
-            )
-        frames = output.frames[0]
-        if hasattr(frames, "cpu"):
-            frames = frames.float().cpu().numpy()
-        return frames
+        if self._modes is None:
+            self._modes = ModePipelines(self.model, self.device)
+        return generate(
+            self._modes.get(task.mode, loaded.pipeline),
+            task.mode,
+            prompt=task.prompt,
+            negative_prompt=s.negative_prompt,
+            width=s.width,
+            height=s.height,
+            frames=s.frames,
+            steps=s.steps,
+            guidance=s.guidance,
+            seed=task.seed,
+            strength=task.conditioning.strength,
+            **prepared.kwargs,
+        )
 
 
 def _variant_of(loaded: Loaded | None) -> tuple[str, str]:
@@ -379,4 +397,6 @@ def result_from_record(record: dict) -> Result:
     fields["status"] = AttemptStatus(fields["status"])
     fields["timings"] = Timings(**fields["timings"])
     fields["error_kind"] = FailureKind(fields["error_kind"]) if fields.get("error_kind") else None
+    fields["inputs"] = inputs_from(fields.get("inputs"))  # markers older than inputs have none
+    fields["seam_scores"] = tuple(fields.get("seam_scores") or ())
     return Result(**fields)

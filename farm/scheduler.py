@@ -15,7 +15,9 @@ Policy, in order:
 - a task interrupted by a lost renderer goes back to the queue without spending an attempt,
   unless it has now been on ``max_interruptions`` renderers that died (a task that kills every
   renderer it touches ends failed instead of sinking the pool);
-- a slot that fails ``bad_slot_limit`` attempts of a job is not given that job's tasks again.
+- a slot that fails ``bad_slot_limit`` attempts of a job is not given that job's tasks again;
+- a task with parents (a sequence's graph) waits until every parent of it in the job has
+  succeeded; a parent that fails for good blocks all its descendants (never attempted).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     REQUEUED = "requeued"  # interrupted: back in the queue, no attempt spent
     DROPPED = "dropped"  # its job was cancelled
+    BLOCKED = "blocked"  # a task it depends on failed for good: it is never attempted
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class Decision:
 
     @property
     def final(self) -> bool:
-        return self.outcome in (Outcome.DONE, Outcome.FAILED, Outcome.DROPPED)
+        return self.outcome in (Outcome.DONE, Outcome.FAILED, Outcome.DROPPED, Outcome.BLOCKED)
 
 
 class Demand(NamedTuple):
@@ -109,10 +112,51 @@ class Progress:
     in_flight: int
     queued: int
     cancelled: bool = False
+    waiting: int = 0  # for parents to succeed
+    blocked: int = 0  # of ``failed``: never attempted, a parent failed
 
     @property
     def finished(self) -> bool:
-        return self.in_flight == 0 and (self.cancelled or self.queued == 0)
+        return self.in_flight == 0 and (self.cancelled or (self.queued == 0 and self.waiting == 0))
+
+
+@dataclass
+class _Graph:
+    """A job's tasks that wait for others to succeed (a sequence's graph)."""
+
+    waiting: dict[str, Task] = field(default_factory=dict)  # task id → a task whose parents have not all succeeded
+    open_parents: Counter[str] = field(default_factory=Counter)  # task id → its parents not succeeded yet
+    children: dict[str, list[str]] = field(default_factory=dict)  # task id → tasks waiting on it
+
+    def wait(self, task: Task, parents: list[str]) -> None:
+        self.waiting[task.task_id] = task
+        self.open_parents[task.task_id] = len(parents)
+        for parent in parents:
+            self.children.setdefault(parent, []).append(task.task_id)
+
+    def released_by(self, task_id: str) -> list[Task]:
+        """``task_id`` succeeded: the children whose parents have now all succeeded."""
+        ready = []
+        for child in self.children.pop(task_id, ()):
+            self.open_parents[child] -= 1
+            if self.open_parents[child] == 0 and child in self.waiting:
+                del self.open_parents[child]
+                ready.append(self.waiting.pop(child))
+        return ready
+
+    def blocked_by(self, task_id: str) -> list[tuple[str, Task]]:
+        """``task_id`` failed for good: every task waiting on it, directly or not, with the parent
+        it was waiting on; they leave the graph."""
+        out, stack = [], [(task_id, child) for child in self.children.pop(task_id, ())]
+        while stack:
+            parent, child = stack.pop()
+            task = self.waiting.pop(child, None)
+            if task is None:  # blocked already, through another parent
+                continue
+            self.open_parents.pop(child, None)
+            out.append((parent, task))
+            stack.extend((child, grandchild) for grandchild in self.children.pop(child, ()))
+        return out
 
 
 @dataclass
@@ -133,7 +177,9 @@ class _Job:
     in_flight: int = 0
     succeeded: int = 0
     failed: int = 0
+    blocked: int = 0
     cancelled: bool = False
+    graph: _Graph = field(default_factory=lambda: _Graph())
 
     def queued(self) -> int:
         return sum(len(q) for q in self.ready.values()) + len(self.delayed)
@@ -214,6 +260,7 @@ class Scheduler:
                         task=task,
                     )
                 )
+                self._block_descendants(job, task_id)
             else:
                 job.push(task, front=True)
                 decisions.append(Decision(job_id, task_id, Outcome.REQUEUED, reason, task=task))
@@ -230,9 +277,16 @@ class Scheduler:
         if job_id in self._jobs:
             raise ValueError(f"job {job_id} already scheduled")
         job = _Job(job_id, priority, next(self._seq), limits or JobLimits(), 0, model)
+        tasks = list(tasks)
+        ids = {t.task_id for t in tasks}
         for task in tasks:
-            job.push(task)
             job.total += 1
+            # A parent not in the job is done already (admission left it out).
+            parents = [p for p in task.parents if p in ids]
+            if not parents:
+                job.push(task)
+                continue
+            job.graph.wait(task, parents)
         self._jobs[job_id] = job
 
     def cancel(self, job_id: str) -> list[tuple[str, str]]:
@@ -241,6 +295,7 @@ class Scheduler:
         job.cancelled = True
         job.ready.clear()
         job.delayed.clear()
+        job.graph.waiting.clear()
         return [(name, task_id) for name, s in self._slots.items() for (j, task_id) in s.in_flight if j == job_id]
 
     def forget(self, job_id: str) -> None:
@@ -318,6 +373,7 @@ class Scheduler:
                                 attempt=job.attempts[task.task_id],
                             )
                         )
+                        self._block_descendants(job, task.task_id)
                 job.ready.clear()
 
     def drain_decisions(self) -> list[Decision]:
@@ -350,6 +406,7 @@ class Scheduler:
         attempt = job.attempts[task_id]
         if succeeded:
             job.succeeded += 1
+            self._release_children(job, task_id)
             return Decision(job_id, task_id, Outcome.DONE, "succeeded")
         if job.cancelled:
             return Decision(job_id, task_id, Outcome.DROPPED, "job cancelled")
@@ -366,7 +423,23 @@ class Scheduler:
             self._due_at = min(self._due_at, due)
             return Decision(job_id, task_id, Outcome.RETRY, error or "failed", delay)
         job.failed += 1
+        self._block_descendants(job, task_id)
         return Decision(job_id, task_id, Outcome.FAILED, f"{attempt} attempts failed; last: {error or 'failed'}")
+
+    def _release_children(self, job: _Job, task_id: str) -> None:
+        """A task succeeded: each child whose parents have now all succeeded is ready."""
+        if not job.cancelled:
+            for task in job.graph.released_by(task_id):
+                job.push(task)
+
+    def _block_descendants(self, job: _Job, task_id: str) -> None:
+        """A task failed for good: every task waiting on it, directly or not, is blocked (decisions
+        the controller drains)."""
+        for parent, task in job.graph.blocked_by(task_id):
+            job.failed += 1
+            job.blocked += 1
+            reason = f"blocked: {parent} failed" if parent == task_id else f"blocked: {task_id} failed (via {parent})"
+            self.decisions.append(Decision(job.job_id, task.task_id, Outcome.BLOCKED, reason, task=task))
 
     def _with_more_vram(self, task: Task, pool_name: str) -> Task:
         """``task`` needing more VRAM than ``pool_name`` has, when a known pool offers that; else
@@ -380,7 +453,9 @@ class Scheduler:
     # --- state
     def progress(self, job_id: str) -> Progress:
         j = self._jobs[job_id]
-        return Progress(j.total, j.succeeded, j.failed, j.in_flight, j.queued(), j.cancelled)
+        return Progress(
+            j.total, j.succeeded, j.failed, j.in_flight, j.queued(), j.cancelled, len(j.graph.waiting), j.blocked
+        )
 
     def banned_slots(self, job_id: str) -> set[str]:
         return set(self._jobs[job_id].banned_slots)
@@ -410,6 +485,8 @@ class Scheduler:
             for needs, queue in job.ready.items():
                 backlog[needs] += len(queue)
             for _, _, task in job.delayed:
+                backlog[task.needs] += 1
+            for task in job.graph.waiting.values():  # work to come, once its parents are done
                 backlog[task.needs] += 1
         for slot in self._slots.values() if in_flight else ():
             for (job_id, _), task in slot.in_flight.items():

@@ -106,6 +106,8 @@ class Sink(Protocol):
 
     def get_json(self, name: str) -> dict | None: ...
 
+    def get_file(self, name: str, local: Path) -> StoredObject: ...
+
     def matches(self, name: str, sha256: str) -> bool: ...
 
     def abort_incomplete(self, names: set[str]) -> int: ...
@@ -209,6 +211,11 @@ class LocalSink:
             return json.loads((self.root / name).read_text())
         except (OSError, ValueError):
             return None
+
+    def get_file(self, name: str, local: Path) -> StoredObject:
+        """Copy a stored file to ``local``: its URI, size and the sha256 of the bytes copied."""
+        shutil.copyfile(self.root / name, local)
+        return StoredObject(str(self.root / name), local.stat().st_size, sha256_file(local))
 
     def abort_incomplete(self, names: set[str]) -> int:
         """Remove temporary files a killed writer left for these names."""
@@ -371,6 +378,12 @@ class S3Sink:
             raise
         except ValueError:
             return None
+
+    def get_file(self, name: str, local: Path) -> StoredObject:
+        """Download a stored object to ``local``: its URI, size and the sha256 of the bytes downloaded."""
+        key = self._key(name)
+        self.client.download_file(self.bucket, key, str(local), Config=self.transfer)
+        return StoredObject(f"s3://{self.bucket}/{key}", local.stat().st_size, sha256_file(local))
 
     def matches(self, name: str, sha256: str) -> bool:
         from botocore.exceptions import ClientError

@@ -40,6 +40,8 @@ class AttemptStatus(StrEnum):
     # Not a try: a succeeded attempt's output was found missing or changed (its row names the
     # attempt in ``invalidates``); the task is no longer done and is rendered again.
     INVALIDATED = "invalidated"
+    # Never attempted: a task it depends on (a sequence's earlier segment, its keyframe) failed for good.
+    BLOCKED = "blocked"
 
 
 class TaskStatus(StrEnum):
@@ -49,6 +51,7 @@ class TaskStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    BLOCKED = "blocked"  # a task it depends on failed: never attempted
 
 
 class JobEvent(StrEnum):
@@ -91,6 +94,8 @@ class FailureKind(StrEnum):
     OUTPUT_MISSING = "output_missing"  # a done task's clip is gone from its output: rendered again
     OUTPUT_CHANGED = "output_changed"  # a done task's clip is not the file made (size or checksum): rendered again
     OOM = "oom"  # the accelerator ran out of memory; retried on a pool with more VRAM if there is one
+    INPUT = "input"  # an input could not be read, or is not the file the job was planned with
+    PARENT_FAILED = "parent_failed"  # blocked: a task it depends on failed
     OTHER = "other"
 
 
@@ -126,9 +131,46 @@ class CacheMode(StrEnum):
 
 
 class Mode(StrEnum):
-    """What a task generates from."""
+    """What a task generates from (the manifest's ``mode:``; ``stitch`` is planned by farm itself)."""
 
     T2V = "t2v"  # text to video
+    I2V = "i2v"  # a start image (``image:``) to video
+    FLF2V = "flf2v"  # first and last image (``image:``, ``last_image:``) to video
+    V2V = "v2v"  # a source video (``video:``) restyled, ``strength:`` of the way
+    EXTEND = "extend"  # continue a clip from its last frame (a chained sequence's later segments)
+    STITCH = "stitch"  # join a sequence's segments into one film (no model)
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The conditioning keys this mode reads."""
+        return _MODE_INPUTS[self]
+
+
+_MODE_INPUTS: dict[str, tuple[str, ...]] = {
+    "t2v": (),
+    "i2v": ("image",),
+    "flf2v": ("image", "last_image"),
+    "v2v": ("video",),
+    "extend": ("video",),
+    "stitch": (),
+}
+
+
+class Fit(StrEnum):
+    """How an input image or video that doesn't match the clip's size is fitted (``fit:``)."""
+
+    CROP = "crop"  # scaled to cover the frame, centre cropped: no bars, no distortion
+    PAD = "pad"  # scaled to fit inside, black bars: nothing of the input cut off
+    RESIZE = "resize"  # stretched to the frame: the whole input, distorted if the aspect differs
+
+
+class InputRole(StrEnum):
+    """What an input is to the task that reads it."""
+
+    IMAGE = "image"
+    LAST_IMAGE = "last_image"
+    VIDEO = "video"
+    SEGMENT = "segment"  # a stitched film's segment, in order
 
 
 class StorageKind(StrEnum):
@@ -175,6 +217,44 @@ class RenderSettings:
 
 
 @dataclass(frozen=True)
+class Conditioning:
+    """What a clip is generated from besides its prompt: the manifest's ``mode:``, ``image:``,
+    ``last_image:``, ``video:``, ``strength:`` and ``fit:``, settable per campaign, axis value, row
+    or task. Inputs are paths (relative to the manifest) or ``s3://`` URIs and may hold
+    {placeholders}; a task carries them resolved, with their content hashes, in ``Task.inputs``.
+    The paths are not part of the task id, the hashes are."""
+
+    mode: Mode = Mode.T2V
+    image: str = ""
+    last_image: str = ""
+    video: str = ""
+    strength: float = field(default=0.7, metadata=spec(gt=0, le=1, allow_inf_nan=False))
+    fit: Fit = Fit.CROP
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input of a task: a file (``uri``, its ``sha256``), or another task's output
+    (``uri`` = ``task:<task_id>``; its sha256 is known once that task has run)."""
+
+    role: InputRole
+    uri: str
+    sha256: str = ""
+
+    @property
+    def task_id(self) -> str | None:
+        return self.uri[5:] if self.uri.startswith("task:") else None
+
+
+@dataclass(frozen=True)
+class Stitching:
+    """How a sequence's segments are joined (the manifest's ``sequence:`` keys)."""
+
+    crossfade: int = field(default=0, metadata=spec("int32", ge=0, le=1000))  # frames blended at each cut
+    color_match: bool = True  # each segment's colours matched to its predecessor's (long chains drift)
+
+
+@dataclass(frozen=True)
 class Requirements:
     """What a task needs from a renderer's pool. Empty: any pool. In a manifest every field is
     optional; without ``min_vram_gb`` farm estimates it from the model and the clip's size."""
@@ -212,13 +292,20 @@ class Task:
     model: ModelRef
     settings: RenderSettings
     variant: tuple[tuple[str, str], ...] = ()
-    mode: Mode = Mode.T2V
+    conditioning: Conditioning = Conditioning()
     source: str = ""  # where in the manifest it came from, for error messages
     needs: Requirements = Requirements()  # routing only: not part of the task id
+    inputs: tuple[InputRef, ...] = ()  # resolved inputs, in the order the mode reads them
+    parents: tuple[str, ...] = ()  # tasks that must succeed first (a sequence's graph)
+    stitching: Stitching | None = None  # a stitch task's joins
 
     @property
     def variant_dict(self) -> dict[str, str]:
         return dict(self.variant)
+
+    @property
+    def mode(self) -> Mode:
+        return self.conditioning.mode
 
 
 # Render settings added after task ids were first stored are hashed only when they differ from what
@@ -227,9 +314,19 @@ HASHED_WHEN_NOT = {"precision": Precision.BF16, "cache": CacheMode.NONE, "compil
 
 
 def compute_task_id(
-    model_identity: str, mode: str, prompt: str, settings: RenderSettings, seed: int, inputs: tuple[str, ...] = ()
+    model_identity: str,
+    mode: str,
+    prompt: str,
+    settings: RenderSettings,
+    seed: int,
+    inputs: tuple[str, ...] = (),
+    conditioning: dict[str, Any] | None = None,
 ) -> str:
-    """A stable hash of everything that changes the pixels (and the file: fps)."""
+    """A stable hash of everything that changes the pixels (and the file: fps). ``inputs``: the
+    content hashes of input files, or the task ids of the tasks whose outputs it reads (rendering
+    is deterministic, so a task id identifies its pixels); ``conditioning``: the other values of
+    a non-t2v mode (strength, fit, stitching). Text-to-video tasks hash neither, so their ids are
+    what they always were."""
     hashed = {k: v for k, v in asdict(settings).items() if k not in HASHED_WHEN_NOT or v != HASHED_WHEN_NOT[k]}
     payload = {
         "model": model_identity,
@@ -239,6 +336,8 @@ def compute_task_id(
         "seed": seed,
         "inputs": list(inputs),
     }
+    if conditioning:
+        payload["conditioning"] = conditioning
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
@@ -273,6 +372,9 @@ class Result:
     poster_sha256: str = ""
     run_variant: str = ""  # the variant exactly as run, e.g. "q4 Q4_0-gguf compute=float32 cpu"
     weights_identity: str = ""  # which weights: the model's identity, or the GGUF file's
+    inputs: tuple[InputRef, ...] = ()  # the inputs as read: URIs and the sha256 of the bytes read
+    seam_score: float | None = None  # a chained segment: its cut against the segment before (sequence/stitch.py)
+    seam_scores: tuple[float, ...] = ()  # a stitched film: each cut, as stitched
 
     @property
     def succeeded(self) -> bool:

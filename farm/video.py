@@ -73,3 +73,22 @@ def probe(path: Path) -> VideoInfo:
             stream.codec_context.name,
             duration,
         )
+
+
+def decode_frames(path: Path, limit: int | None = None, last: int | None = None) -> np.ndarray:
+    """Decode an mp4 (or any video PyAV reads) to (T, H, W, 3) uint8 RGB: the first ``limit``
+    frames, or only the ``last`` n (the whole file is decoded to find them), or all."""
+    import collections
+
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        kept: collections.deque[np.ndarray] = collections.deque(maxlen=last)
+        for frame in container.decode(stream):
+            kept.append(frame.to_ndarray(format="rgb24"))
+            if limit is not None and len(kept) >= limit:
+                break
+    if not kept:
+        raise ValueError(f"{path} has no video frames")
+    return np.stack(list(kept))

@@ -16,4 +16,6 @@ if [ "${1:-}" = "test" ]; then
   scripts/install-test-services.sh  # a real Prometheus for the observability tests
 fi
 "${pip[@]}" install -q -e ".${extras}"
+# The example manifests' source clip (manifests/v2v.yaml): videos are made, never committed.
+.venv/bin/python scripts/make_example_inputs.py
 echo "farm installed in .venv (activate with: source .venv/bin/activate)"

@@ -196,3 +196,81 @@ def test_free_slots_fill_one_task_each_per_round_cheapest_first():
     assert s.next_dispatches() == []  # the rest of the job waits for a free place
     s.record("d1", "j", s.slot_load("d1")[0][1], succeeded=True)
     assert s.progress("j").queued == 0 and s.next_dispatches() == []
+
+
+# --------------------------------------------------------------------------- task graphs
+
+
+def chain(n: int, prefix: str = "s") -> list[Task]:
+    """A chain s0 ← s1 ← … and a film waiting on all of them."""
+    tasks = [
+        Task(f"{prefix}{i}", "p", 0, MODEL, SETTINGS, parents=(f"{prefix}{i - 1}",) if i else ()) for i in range(n)
+    ]
+    return [*tasks, Task(f"{prefix}film", "", 0, MODEL, SETTINGS, parents=tuple(t.task_id for t in tasks))]
+
+
+def test_a_child_is_dispatched_only_after_its_parents_succeed() -> None:
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=2)
+    s.add_job("j", chain(3))
+    order = []
+    while not s.idle:
+        dispatched = s.next_dispatches()
+        assert len(dispatched) == 1, "a chain has one task ready at a time"
+        d = dispatched[0]
+        order.append(d.task.task_id)
+        assert s.record(d.slot, "j", d.task.task_id, True).outcome is Outcome.DONE
+    assert order == ["s0", "s1", "s2", "sfilm"]
+    p = s.progress("j")
+    assert (p.succeeded, p.failed, p.waiting, p.blocked) == (4, 0, 0, 0)
+
+
+def test_a_parent_failing_for_good_blocks_every_descendant_and_nothing_else() -> None:
+    s = scheduler_with({"a": CPU}, backoff=Backoff(0, 0))
+    other = Task("free", "p", 1, MODEL, SETTINGS)
+    s.add_job("j", [*chain(4), other], limits=JobLimits(max_attempts=1))
+    seen = []
+    while not s.idle:
+        for d in s.next_dispatches():
+            seen.append(d.task.task_id)
+            ok = d.task.task_id != "s1"
+            s.record(d.slot, "j", d.task.task_id, ok)
+    blocked = [d for d in s.drain_decisions() if d.outcome is Outcome.BLOCKED]
+    assert sorted(d.task_id for d in blocked) == ["s2", "s3", "sfilm"]
+    assert all(d.final and d.task is not None for d in blocked)
+    assert "s2" not in seen and "free" in seen
+    p = s.progress("j")
+    assert (p.succeeded, p.failed, p.blocked, p.waiting) == (2, 4, 3, 0) and p.finished
+
+
+def test_keyframe_graph_runs_its_segments_side_by_side() -> None:
+    keys = [Task(f"k{i}", "p", 0, MODEL, SETTINGS) for i in range(4)]
+    segs = [Task(f"g{i}", "p", 0, MODEL, SETTINGS, parents=(f"k{i}", f"k{i + 1}")) for i in range(3)]
+    film = Task("film", "", 0, MODEL, SETTINGS, parents=("g0", "g1", "g2"))
+    s = scheduler_with({f"r{i}": CPU for i in range(4)}, in_flight_per_slot=1)
+    s.add_job("j", [film, *segs, *keys])
+    first = s.next_dispatches()
+    assert sorted(d.task.task_id for d in first) == ["k0", "k1", "k2", "k3"]
+    for d in first:
+        s.record(d.slot, "j", d.task.task_id, True)
+    second = s.next_dispatches()
+    assert sorted(d.task.task_id for d in second) == ["g0", "g1", "g2"], "segments render at once"
+
+
+def test_parents_done_before_admission_do_not_hold_their_children() -> None:
+    s = scheduler_with({"a": CPU})
+    s.add_job("j", chain(3)[2:])  # s2 and the film: s0, s1 were done already
+    assert [d.task.task_id for d in s.next_dispatches()] == ["s2"]
+
+
+def test_cancel_clears_waiting_tasks_and_a_lost_renderer_requeues_mid_graph() -> None:
+    s = scheduler_with({"a": CPU})
+    s.add_job("j", chain(3))
+    (d,) = s.next_dispatches()
+    assert s.remove_slot("a", running="s0")[0].outcome is Outcome.REQUEUED
+    s.add_slot("b", "cpu")
+    (d,) = s.next_dispatches()
+    assert d.task.task_id == "s0" and d.attempt == 1
+    s.cancel("j")
+    assert s.record("b", "j", "s0", True).outcome is Outcome.DONE
+    p = s.progress("j")
+    assert p.waiting == 0 and p.finished

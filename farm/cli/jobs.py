@@ -40,7 +40,7 @@ def jobs(address: ClusterOpt = None, fmt: FormatOpt = Format.table) -> None:
         out.print("no jobs yet: farm submit MANIFEST")
         return
     table = Table()
-    for column in ("job", "campaign", "submitted", "state", "tasks", "succeeded", "failed", "pending"):
+    for column in ("job", "campaign", "submitted", "state", "tasks", "succeeded", "failed", "blocked", "pending"):
         table.add_column(column)
     for r in rows:
         table.add_row(
@@ -51,6 +51,7 @@ def jobs(address: ClusterOpt = None, fmt: FormatOpt = Format.table) -> None:
             str(r["tasks"]),
             str(r["succeeded"]),
             str(r["failed"]),
+            str(r.get("blocked", 0)),
             str(r["pending"]),
         )
     out.print(table)

@@ -49,6 +49,8 @@ def plan(
     _print_summary(summary)
     if p.scaling:
         _print_scaling(p)
+    if summary["graph"] and show > 0:
+        _print_graph(p, show)
     if p.to_render and show > 0:
         _print_tasks(p, show)
 
@@ -72,6 +74,23 @@ def _summary(manifest: Path, p: api.Plan) -> dict:
         "precision": precision_counts(p.to_render),  # the variant each task resolved to
         "deadline_s": round(p.deadline_s) if p.deadline_s is not None else None,
         "scaling": _scaling_dict(p.scaling),
+        "graph": _graph_dict(p.tasks),
+    }
+
+
+def _graph_dict(tasks: list) -> dict | None:
+    """Films, segments, keyframes and the depth of the task graph (None: no task waits on another)."""
+    from farm.sequence.graph import graph_of
+
+    graph = graph_of(tasks)
+    if not graph.dependent:
+        return None
+    return {
+        "films": len(graph.films),
+        "segments": sum(len(f.segments) for f in graph.films),
+        "keyframes": sum(len(f.keyframes) for f in graph.films),
+        "depth": graph.depth,
+        "waiting_on_others": graph.dependent,
     }
 
 
@@ -109,6 +128,9 @@ def _tasks_json(p: api.Plan) -> list[dict]:
             "height": t.settings.height,
             "frames": t.settings.frames,
             "min_vram_gb": t.needs.min_vram_gb,
+            "mode": t.mode.value,
+            "inputs": [{"role": i.role.value, "uri": i.uri, "sha256": i.sha256} for i in t.inputs],
+            "parents": list(t.parents),
         }
         for t in p.to_render
     ]
@@ -118,6 +140,13 @@ def _print_summary(summary: dict) -> None:
     for key, value in summary.items():
         if key == "scaling":
             continue
+        if key == "graph":
+            if value is None:
+                continue
+            value = (
+                f"{value['films']} films of {value['segments']} segments and {value['keyframes']} keyframe stills, "
+                f"depth {value['depth']} (tasks in the longest chain that waits on each other)"
+            )
         if key == "routes":
             value = ", ".join(f"{n} tasks → pool {pool}" for pool, n in value.items()) or "nothing to route"
         if key == "deadline_s":
@@ -155,6 +184,29 @@ def _print_scaling(p: api.Plan) -> None:
     for e in p.scaling.estimates:
         if e.backlog:
             out.print(f"  {e.pool}: {reasons[e.pool]}", markup=False, highlight=False)
+
+
+def _print_graph(p: api.Plan, show: int) -> None:
+    """Each film (the first ``show``): its parts in order and what each waits on."""
+    from farm.sequence.graph import graph_of, part_label
+
+    graph = graph_of(p.tasks)
+    done = set(p.done)
+    for film in graph.films[:show]:
+        label = ", ".join(f"{k}={v}" for k, v in film.film.variant if k not in ("part", "shot"))
+        table = Table(title=f"film {film.film.task_id[:12]} ({label or 'no variant'}): depth {film.depth}")
+        for column in ("part", "task", "mode", "frames", "waits on", ""):
+            table.add_column(column)
+        names = {t.task_id: part_label(t.variant_dict) for t in (*film.keyframes, *film.segments, film.film)}
+        for t in (*film.keyframes, *film.segments, film.film):
+            waits = ", ".join(names.get(parent, parent[:12]) for parent in t.parents) or "-"
+            table.add_row(
+                names[t.task_id], t.task_id[:12], t.mode.value, str(t.settings.frames), waits,
+                "done" if t.task_id in done else "",
+            )  # fmt: skip
+        out.print(table)
+    if len(graph.films) > show:
+        out.print(f"… and {len(graph.films) - show} more films", markup=False)
 
 
 def _print_tasks(p: api.Plan, show: int) -> None:

@@ -130,7 +130,39 @@ def _write_parquet(rows: list[dict], out_path: Path | None) -> None:
     err.print(f"{len(rows)} rows written to {out_path}")
 
 
+def _print_films(rows: list[dict]) -> set[str]:
+    """Each stitched film, then its segments in order with their seams. Returns the task ids shown."""
+    from farm.sequence.graph import part_label
+
+    by_id = {r["task_id"]: r for r in rows}
+    shown: set[str] = set()
+    for film in (r for r in rows if r["mode"] == "stitch"):
+        variant = ", ".join(f"{k}={v}" for k, v in film["variant"].items() if k not in ("part", "shot"))
+        seams = film.get("seam_scores") or []
+        table = Table(title=f"film {film['task_id'][:12]} ({variant or 'no variant'}): {film['status']}")
+        for column in ("part", "task", "status", "frames", "seam", "output / error"):
+            table.add_column(column)
+        parts = [by_id[p] for p in film["parents"] or () if p in by_id]
+        keys = [by_id[p] for s in parts for p in s["parents"] or () if p in by_id and p not in film["parents"]]
+        for r in [*dict((k["task_id"], k) for k in keys).values(), *parts, film]:
+            seam = r.get("seam_score")
+            seam_text = f"{seam:.2f}" if seam is not None else ""
+            if r is film:
+                seam_text = " ".join(f"{x:.2f}" for x in seams)
+            table.add_row(
+                part_label(r["variant"]), r["task_id"][:12], r["status"], str(r["frames"]), seam_text,
+                r["output_uri"] if r["status"] == "succeeded" else r["error"],
+            )  # fmt: skip
+            shown.add(r["task_id"])
+        out.print(table)
+    return shown
+
+
 def _print_table(rows: list[dict]) -> None:
+    shown = _print_films(rows)
+    rows = [r for r in rows if r["task_id"] not in shown]
+    if shown and not rows:
+        return
     table = Table()
     for column in ("task", "status", "try", "variant", "seed", "size", "output / error"):
         table.add_column(column)

@@ -1,9 +1,18 @@
 """Model registry: the embedded tiny default, local diffusers directories, hub ids.
 
-``resolve_model`` and ``constraints_for`` read only small JSON files, so ``farm validate`` stays
-fast; ``load_pipeline`` is where torch and diffusers are imported.
+``resolve_model``, ``constraints_for`` and ``model_modes`` read only small JSON files, so
+``farm validate`` stays fast; ``load_pipeline``, ``ModePipelines.get`` and ``generate`` are where
+torch and diffusers are imported.
 """
 
+from farm.models.modes import (
+    ModePipelines,
+    effective_steps,
+    generate,
+    mode_identity,
+    model_modes,
+    modes_of,
+)
 from farm.models.registry import (
     ModelConstraints,
     constraints_for,
@@ -14,10 +23,16 @@ from farm.models.registry import (
 )
 
 __all__ = [
+    "ModePipelines",
     "ModelConstraints",
     "constraints_for",
+    "effective_steps",
     "estimate_vram_gb",
+    "generate",
     "load_pipeline",
+    "mode_identity",
+    "model_modes",
+    "modes_of",
     "prompt_token_counter",
     "resolve_model",
 ]

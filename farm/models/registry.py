@@ -32,6 +32,12 @@ TEXT_TO_VIDEO_PIPELINES = (
     "SkyReelsV2Pipeline",
     "TextToVideoSDPipeline",
 )
+# Pipeline classes farm drives in its other modes (farm/models/modes.py): a local directory of one
+# of these is a model too.
+CONDITIONED_VIDEO_PIPELINES = ("WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+VIDEO_PIPELINES = TEXT_TO_VIDEO_PIPELINES + CONDITIONED_VIDEO_PIPELINES
+# Wan layouts: 16 px per latent token, 4·k+1 frames (their limits read from the directory's configs).
+WAN_FAMILIES = ("WanPipeline", *CONDITIONED_VIDEO_PIPELINES)
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,12 @@ def resolve_model(spec: str, base_dir: Path) -> ModelRef:
                 hint="point at the folder that save_pretrained() wrote",
             )
         family = _pipeline_class(index)
-        if family not in TEXT_TO_VIDEO_PIPELINES:
+        if family not in VIDEO_PIPELINES:
             raise ModelError(
-                f"{path} holds a {family}, not a text-to-video pipeline farm can drive",
+                f"{path} holds a {family}, not a text-to-video pipeline (nor an image- or video-to-video one) "
+                "farm can drive",
                 field="model",
-                hint="use one of: " + ", ".join(TEXT_TO_VIDEO_PIPELINES),
+                hint="use one of: " + ", ".join(VIDEO_PIPELINES),
             )
         return ModelRef(spec, ModelKind.LOCAL, str(path.resolve()), f"local:{_directory_fingerprint(path)}", family)
     return ModelRef(spec, ModelKind.HUB, spec, f"hub:{spec}", _cached_hub_family(spec) or "unknown")
@@ -149,9 +156,9 @@ def constraints_for(model: ModelRef) -> ModelConstraints:
             frame_step=4,
             max_frames=TINY_ROPE_MAX_SEQ_LEN * 4 + 1,
         )
-    if model.family == "WanPipeline" and model.kind is ModelKind.LOCAL:
+    if model.family in WAN_FAMILIES and model.kind is ModelKind.LOCAL:
         return _wan_constraints(Path(model.location))
-    if model.family == "WanPipeline":
+    if model.family in WAN_FAMILIES:
         return ModelConstraints(spatial_multiple=16, frame_step=4)
     return ModelConstraints()
 

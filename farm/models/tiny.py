@@ -4,6 +4,14 @@ Built offline from small configs with seeded weights (no download), saved with
 ``save_pretrained`` and loaded back through ``from_pretrained`` like any real checkpoint, so the
 same code path serves real Wan models. About 300 KB; 9 frames at 64×64 in 4 steps take ~0.1 s
 on one CPU core. The pictures are noise-like: it has never been trained.
+
+A second embedded model, ``tiny-wan-i2v``, is a ``WanImageToVideoPipeline`` of the same size for
+the image-conditioned modes (i2v, flf2v, extend): Wan 2.2 I2V-style, the start (and last) frame
+VAE-encoded and concatenated to the noise (transformer ``in_channels`` 16 + 4 mask + 16), no CLIP
+image encoder. That is the one Wan layout that takes both ``image=`` and ``image=, last_image=``:
+Wan 2.1 FLF2V's ``pos_embed_seq_len`` makes a single image fail, Wan 2.2 TI2V's
+``expand_timesteps`` ignores ``last_image``. Its text encoder and VAE are the T2V model's
+(same seed, same configs), so both models decode into the same pixel space.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from farm.locks import exclusive
 
@@ -21,29 +31,47 @@ TINY_SEED = 20261125
 # rope_max_seq_len bounds the latent grid per axis: 32 latent tokens × 16 px = 512 px,
 # and 32 latent frames × 4 + 1 = 125 frames.
 TINY_ROPE_MAX_SEQ_LEN = 32
+# The image-to-video model's own version: bump when its config or seed changes (its tasks' ids).
+TINY_I2V_VERSION = "v1"
+TINY_I2V_SEED = TINY_SEED
+# Latent channels, and what an I2V transformer takes: noise + 4 frame-mask channels + condition.
+_LATENT_CHANNELS = 16
+_I2V_IN_CHANNELS = _LATENT_CHANNELS + 4 + _LATENT_CHANNELS
 
 
 def tiny_dir(models_root: Path) -> Path:
     return models_root / f"tiny-wan-{TINY_VERSION}"
 
 
+def tiny_i2v_dir(models_root: Path) -> Path:
+    return models_root / f"tiny-wan-i2v-{TINY_I2V_VERSION}"
+
+
 def ensure_tiny_model(models_root: Path) -> Path:
     """Build the tiny model under ``models_root`` once: concurrent first runs (two submits on a fresh
     FARM_HOME) take a lock in the folder, so one builds and the others wait and find it built."""
-    target = tiny_dir(models_root)
+    return _ensure(models_root, tiny_dir(models_root), _build)
+
+
+def ensure_tiny_i2v_model(models_root: Path) -> Path:
+    """Build the tiny image-to-video model under ``models_root`` once (as ``ensure_tiny_model``)."""
+    return _ensure(models_root, tiny_i2v_dir(models_root), _build_i2v)
+
+
+def _ensure(models_root: Path, target: Path, build: Callable[[Path], None]) -> Path:
     if (target / "model_index.json").exists():
         return target
     models_root.mkdir(parents=True, exist_ok=True)
     with exclusive(models_root / ".tiny-build.lock"):
         if not (target / "model_index.json").exists():
-            _build_once(models_root, target)
+            _build_once(models_root, target, build)
     return target
 
 
-def _build_once(models_root: Path, target: Path) -> None:
+def _build_once(models_root: Path, target: Path, build: Callable[[Path], None]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=models_root))
     try:
-        _build(staging)
+        build(staging)
         try:
             os.rename(staging, target)  # atomic: a racing builder either wins or finds it done
         except OSError:
@@ -71,18 +99,43 @@ def _byte_level_tokenizer():
 
 
 def _build(directory: Path) -> None:
-    import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer, text_encoder, vae, transformer = _seeded_parts(TINY_SEED, _LATENT_CHANNELS)
+    pipeline = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
+    pipeline.save_pretrained(directory)  # type: ignore[attr-defined]  # diffusers' mixins are untyped
+
+
+def _build_i2v(directory: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    tokenizer, text_encoder, vae, transformer = _seeded_parts(TINY_I2V_SEED, _I2V_IN_CHANNELS)
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    pipeline.save_pretrained(directory)  # type: ignore[attr-defined]
+
+
+def _seeded_parts(seed: int, in_channels: int) -> tuple[Any, Any, Any, Any]:
+    """Tokenizer, text encoder, VAE and transformer at toy size, their weights drawn from ``seed``
+    (in this order: the T2V model's bytes depend on it)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = _byte_level_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(seed)
         text_encoder = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tokenizer),
@@ -101,8 +154,8 @@ def _build(directory: Path) -> None:
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
+            in_channels=in_channels,
+            out_channels=_LATENT_CHANNELS,
             text_dim=32,
             freq_dim=256,
             ffn_dim=32,
@@ -111,11 +164,4 @@ def _build(directory: Path) -> None:
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=TINY_ROPE_MAX_SEQ_LEN,
         )
-    pipeline = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
-    pipeline.save_pretrained(directory)  # type: ignore[attr-defined]  # diffusers' mixins are untyped
+    return tokenizer, text_encoder, vae, transformer
