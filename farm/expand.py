@@ -200,7 +200,7 @@ def _resolved(mf: ManifestFile, conditions: Conditions) -> Iterator[_Combination
         raise mf.error("the manifest defines no tasks", "campaign", hint="add prompt: (and axes:) or tasks:")
     _check_task_count(mf, groups, explicit, seeds)
     layering = _Layering(mf, conditions)
-    length = _PromptLength(mf)
+    length = PromptLength(mf)
     if m.prompt is not None:
         if m.sequence is None:
             _check_placeholders(mf, m.prompt, {n for _, g in groups for n in g[0].values}, ("prompt",))
@@ -296,7 +296,7 @@ def _tasks_per_combination(mf: ManifestFile) -> int:
     return tasks_per_sequence(mf.manifest.sequence)
 
 
-class _PromptLength:
+class PromptLength:
     """Refuse a prompt (or negative prompt) longer than the model's text encoder reads: diffusers
     would cut the rest off without a word, and the end of an ad prompt is its call to action."""
 
@@ -307,17 +307,18 @@ class _PromptLength:
         self.limit = counter[1] if counter else 0
 
     def check(self, c: _Combination) -> None:
-        if self.tokens is None:
-            return
         for text, what, where in (
             (c.prompt, "prompt", c.prompt_where),
             (c.settings.negative_prompt, "negative prompt", c.negative_where),
         ):
-            if len(text) * 4 + 2 <= self.limit:  # UTF-8 takes at most 4 bytes a character: surely short enough
-                continue
+            self.check_text(text, what, where, c.values)
+
+    def check_text(self, text: str, what: str, where: Where, values: dict[str, str]) -> None:
+        """Refuse ``text`` (a ``what``: "prompt", "negative prompt") written at ``where``."""
+        if self.tokens is not None and len(text) * 4 + 2 > self.limit:  # UTF-8: ≤ 4 bytes a character
             count = self.tokens(text)
             if count > self.limit:
-                shown = ", ".join(f"{k}={v}" for k, v in sorted(c.values.items()))
+                shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
                 raise error_at(
                     where,
                     f"the {what}{f' for {shown}' if shown else ''} is {count} tokens, more than the {self.limit} "

@@ -439,7 +439,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     for tp in candidates:
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             names.extend(n for n in tp.model_fields if n not in names)
-    return names
+    # The conditioning keys (inherited, so listed first by pydantic) after the model's own.
+    return sorted(names, key=lambda n: n in CONDITIONING_FIELDS)
 
 
 def _step_type(tp: Any, part: Any) -> list:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -327,7 +327,8 @@ def compute_task_id(
     is deterministic, so a task id identifies its pixels); ``conditioning``: the other values of
     a non-t2v mode (strength, fit, stitching). Text-to-video tasks hash neither, so their ids are
     what they always were."""
-    hashed = {k: v for k, v in asdict(settings).items() if k not in HASHED_WHEN_NOT or v != HASHED_WHEN_NOT[k]}
+    # vars, not asdict: the settings are flat, and asdict's deep copy was most of expanding a big manifest
+    hashed = {k: v for k, v in vars(settings).items() if k not in HASHED_WHEN_NOT or v != HASHED_WHEN_NOT[k]}
     payload = {
         "model": model_identity,
         "mode": mode,

@@ -152,7 +152,7 @@ def test_output_defaults_under_farm_home_and_resolves_relative_to_manifest(tmp_p
         (
             BASE + "colour: red\n",
             ":6: colour: unknown key 'colour' — allowed here: campaign, model, prompt, render, axes, zip, seeds, "
-            "tasks, rows, output, storage, retries",
+            "tasks, sequence, rows, output, storage, retries",
         ),
         (
             BASE + "render:\n  width: 65\n",

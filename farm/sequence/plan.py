@@ -114,6 +114,9 @@ class _Planner:
                 hint="use a model that renders them, e.g. model: tiny",
             )
         self._checked = False
+        from farm.expand import PromptLength
+
+        self.length = PromptLength(mf)
 
     def _template(self, i: int, text: str) -> Template:
         try:
@@ -180,6 +183,8 @@ class _Planner:
 
     def plan(self, one: _One) -> Iterator[Task]:
         prompts = [t.fill(one.values) for t in self.prompts]
+        for i, prompt in enumerate(prompts):
+            self.length.check_text(prompt, "prompt", self.mf.where("sequence", "shots", i, "prompt"), one.values)
         frames = [s.frames or one.settings.frames for s in self.seq.shots]
         if self.seq.plan is SequencePlan.KEYFRAMES:
             segments = yield from self._keyframed(one, prompts, frames)
