@@ -133,7 +133,7 @@ def test_a_cancelled_chain_resumes_where_it_stopped(ray_local, farm_home, write_
     from farm.controller import CONTROLLER_NAME, NAMESPACE
 
     path = chain_manifest(write_manifest, "cancel")
-    faults(Fault("shot three", action="slow", hang_s=3.0))
+    faults(Fault("shot three", action="slow", hang_s=1.5))
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(outcome=api.submit(path, workers=2)), daemon=True)
     thread.start()
