@@ -135,10 +135,10 @@ class Conditions:
         try:
             info = self.inspect(uri)
         except InputProblem as exc:
-            raise error_at(where, f"{key}: {exc.message}", exc.hint) from None
+            raise error_at(where, exc.message, exc.hint) from None  # where names the key
         if info.kind != _KIND_OF_KEY[key]:
             hint = "use video: for a source clip" if info.kind == "video" else "give a video file (mp4, mov, webm…)"
-            raise error_at(where, f"{key}: {uri} is {'a video' if info.kind == 'video' else 'an image'}", hint)
+            raise error_at(where, f"{uri} is {'a video' if info.kind == 'video' else 'an image'}", hint)
         return info
 
     def _check(self, layered: Layered, uris: dict[str, str], settings: RenderSettings) -> Resolved:

@@ -152,6 +152,7 @@ class JobBook:
         adopted = adopt_finished_outputs(self.catalog, record.job_id, target, todo) if todo else set()
         # A task another running job renders into the same output is rendered once, for that job.
         busy = {t for j in self.jobs.values() if j.target.uri == target.uri for t in j.todo}
+        elsewhere = {t.task_id for t in todo if t.task_id in busy}  # its tasks may wait for these
         todo = [t for t in todo if t.task_id not in adopted and t.task_id not in busy]
         if not todo:
             self.catalog.record_event(record.job_id, JobEvent.FINISHED, "nothing to render")
@@ -160,7 +161,7 @@ class JobBook:
             return self.finished[record.job_id]
         model = tasks[0].model
         limits = JobLimits(max_attempts=record.max_attempts)
-        self.scheduler.add_job(record.job_id, todo, record.priority, limits, model.identity)
+        self.scheduler.add_job(record.job_id, todo, record.priority, limits, model.identity, elsewhere)
         self.jobs[record.job_id] = RunningJob(
             record,
             target,

@@ -260,7 +260,7 @@ class Scheduler:
                         task=task,
                     )
                 )
-                self._block_descendants(job, task_id)
+                self._block_descendants(task_id)
             else:
                 job.push(task, front=True)
                 decisions.append(Decision(job_id, task_id, Outcome.REQUEUED, reason, task=task))
@@ -272,17 +272,24 @@ class Scheduler:
 
     # --- jobs
     def add_job(
-        self, job_id: str, tasks: Iterable[Task], priority: int = 0, limits: JobLimits | None = None, model: str = ""
+        self,
+        job_id: str,
+        tasks: Iterable[Task],
+        priority: int = 0,
+        limits: JobLimits | None = None,
+        model: str = "",
+        elsewhere: Iterable[str] = (),
     ) -> None:
+        """``elsewhere``: tasks another job renders; a task of this one waits for those among its
+        parents as for its own. A parent in neither was done before the job came."""
         if job_id in self._jobs:
             raise ValueError(f"job {job_id} already scheduled")
         job = _Job(job_id, priority, next(self._seq), limits or JobLimits(), 0, model)
         tasks = list(tasks)
-        ids = {t.task_id for t in tasks}
+        pending = {t.task_id for t in tasks} | set(elsewhere)
         for task in tasks:
             job.total += 1
-            # A parent not in the job is done already (admission left it out).
-            parents = [p for p in task.parents if p in ids]
+            parents = [p for p in task.parents if p in pending]
             if not parents:
                 job.push(task)
                 continue
@@ -293,9 +300,13 @@ class Scheduler:
         """Stop dispatching a job. Returns its in-flight (slot, task_id) pairs for the caller to stop."""
         job = self._jobs[job_id]
         job.cancelled = True
+        unfinished = [t.task_id for q in job.ready.values() for t in q] + [t.task_id for _, _, t in job.delayed]
+        unfinished += list(job.graph.waiting)
         job.ready.clear()
         job.delayed.clear()
         job.graph.waiting.clear()
+        for task_id in unfinished:  # another job waiting on one of them would wait forever
+            self._block_descendants(task_id)
         return [(name, task_id) for name, s in self._slots.items() for (j, task_id) in s.in_flight if j == job_id]
 
     def forget(self, job_id: str) -> None:
@@ -373,7 +384,7 @@ class Scheduler:
                                 attempt=job.attempts[task.task_id],
                             )
                         )
-                        self._block_descendants(job, task.task_id)
+                        self._block_descendants(task.task_id)
                 job.ready.clear()
 
     def drain_decisions(self) -> list[Decision]:
@@ -406,7 +417,7 @@ class Scheduler:
         attempt = job.attempts[task_id]
         if succeeded:
             job.succeeded += 1
-            self._release_children(job, task_id)
+            self._release_children(task_id)
             return Decision(job_id, task_id, Outcome.DONE, "succeeded")
         if job.cancelled:
             return Decision(job_id, task_id, Outcome.DROPPED, "job cancelled")
@@ -423,23 +434,14 @@ class Scheduler:
             self._due_at = min(self._due_at, due)
             return Decision(job_id, task_id, Outcome.RETRY, error or "failed", delay)
         job.failed += 1
-        self._block_descendants(job, task_id)
+        self._block_descendants(task_id)
         return Decision(job_id, task_id, Outcome.FAILED, f"{attempt} attempts failed; last: {error or 'failed'}")
 
-    def _release_children(self, job: _Job, task_id: str) -> None:
-        """A task succeeded: each child whose parents have now all succeeded is ready."""
-        if not job.cancelled:
-            for task in job.graph.released_by(task_id):
-                job.push(task)
+    def _release_children(self, task_id: str) -> None:
+        _release_children(self._jobs.values(), task_id)
 
-    def _block_descendants(self, job: _Job, task_id: str) -> None:
-        """A task failed for good: every task waiting on it, directly or not, is blocked (decisions
-        the controller drains)."""
-        for parent, task in job.graph.blocked_by(task_id):
-            job.failed += 1
-            job.blocked += 1
-            reason = f"blocked: {parent} failed" if parent == task_id else f"blocked: {task_id} failed (via {parent})"
-            self.decisions.append(Decision(job.job_id, task.task_id, Outcome.BLOCKED, reason, task=task))
+    def _block_descendants(self, task_id: str) -> None:
+        self.decisions.extend(_block_descendants(self._jobs.values(), task_id))
 
     def _with_more_vram(self, task: Task, pool_name: str) -> Task:
         """``task`` needing more VRAM than ``pool_name`` has, when a known pool offers that; else
@@ -486,8 +488,6 @@ class Scheduler:
                 backlog[needs] += len(queue)
             for _, _, task in job.delayed:
                 backlog[task.needs] += 1
-            for task in job.graph.waiting.values():  # work to come, once its parents are done
-                backlog[task.needs] += 1
         for slot in self._slots.values() if in_flight else ():
             for (job_id, _), task in slot.in_flight.items():
                 if not self._jobs[job_id].cancelled:
@@ -497,3 +497,25 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return all(self.progress(j).finished for j in self._jobs)
+
+
+def _release_children(jobs: Iterable[_Job], task_id: str) -> None:
+    """A task succeeded: in every job (a job may wait on a task another job renders), each child
+    whose parents have now all succeeded is ready."""
+    for job in jobs:
+        if not job.cancelled:
+            for task in job.graph.released_by(task_id):
+                job.push(task)
+
+
+def _block_descendants(jobs: Iterable[_Job], task_id: str) -> list[Decision]:
+    """A task failed for good (or will never run): every task waiting on it, directly or not, in
+    every job, is blocked; the decisions say so."""
+    out = []
+    for job in jobs:
+        for parent, task in job.graph.blocked_by(task_id):
+            job.failed += 1
+            job.blocked += 1
+            why = f"blocked: {parent} failed" if parent == task_id else f"blocked: {task_id} failed (via {parent})"
+            out.append(Decision(job.job_id, task.task_id, Outcome.BLOCKED, why, task=task))
+    return out

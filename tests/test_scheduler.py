@@ -274,3 +274,25 @@ def test_cancel_clears_waiting_tasks_and_a_lost_renderer_requeues_mid_graph() ->
     assert s.record("b", "j", "s0", True).outcome is Outcome.DONE
     p = s.progress("j")
     assert p.waiting == 0 and p.finished
+
+
+def test_a_child_waits_for_a_parent_another_job_renders_and_its_cancel_blocks_the_child() -> None:
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=1)
+    first = chain(2, "x")  # x0 ← x1 ← xfilm
+    s.add_job("A", first[:1])  # A renders x0
+    s.add_job("B", first[1:], elsewhere={"x0"})  # B's x1 waits for A's x0
+    assert [d.task.task_id for d in s.next_dispatches()] == ["x0"]
+    s.record("a", "A", "x0", True)
+    assert [d.task.task_id for d in s.next_dispatches()] == ["x1"]
+
+    s.add_job("C", [Task("y0", "p", 0, MODEL, SETTINGS)])
+    s.add_job("D", [Task("y1", "p", 0, MODEL, SETTINGS, parents=("y0",))], elsewhere={"y0"})
+    s.cancel("C")  # y0 will never render: D's y1 is blocked, not left waiting for ever
+    (blocked,) = [d for d in s.drain_decisions() if d.outcome is Outcome.BLOCKED]
+    assert (blocked.job_id, blocked.task_id) == ("D", "y1") and s.progress("D").finished
+
+
+def test_waiting_tasks_are_not_backlog_the_pools_are_sized_for() -> None:
+    s = scheduler_with({"a": CPU})
+    s.add_job("j", chain(50))
+    assert sum(s.backlog_by_needs().values()) == 1  # one task of a chain can run at a time

@@ -277,3 +277,45 @@ def test_the_example_manifests_validate_and_the_keyframe_plan_renders_its_segmen
     assert_exactly_once(farm_home)
     probed = ffprobe(rows["film"]["output_uri"])
     assert (int(probed["nb_read_frames"]), probed["r_frame_rate"]) == (31, "8/1")
+
+
+SEQUENCE = "campaign: seq\nrender: {frames: 5}\nsequence:\n  plan: PLAN\n  crossfade: 2\n  shots:\nSHOTS"
+BAD_SEQUENCES = [
+    ("keyframes", '    - {prompt: "a", frames: 1}\n    - {prompt: "b"}\n', "shot 1 has 1 frames"),
+    ("chained", '    - {prompt: "a"}\n  last_image: x.png\n', "last_image: closes a keyframes plan"),
+    (
+        "chained",
+        '    - {prompt: "a {p}"}\n    - {prompt: "b"}\naxes:\n  p: [x, {value: y, render: {frames: 1}}]\n',
+        "shot 1 has 1 frames",
+    ),
+    (
+        "chained",
+        '    - {prompt: "a {p}"}\naxes:\n  p: [x, {value: y, mode: i2v, image: a.png}]\n',
+        "plans its own modes",
+    ),
+    ("chained", '    - {prompt: "a"}\ntasks: [{prompt: b}]\n', "has no tasks:"),
+]
+
+
+@pytest.mark.parametrize(("plan", "shots", "message"), BAD_SEQUENCES)
+def test_a_sequence_is_checked_for_every_variant(tmp_path, write_manifest, plan, shots, message):
+    from farm.errors import ManifestError
+
+    shutil.copy(Path(__file__).parent.parent / "manifests" / "inputs" / "packshots" / "watch.png", tmp_path / "a.png")
+    path = write_manifest(SEQUENCE.replace("PLAN", plan).replace("SHOTS", shots))
+    with pytest.raises(ManifestError, match=message):
+        api.validate(path)
+
+
+def test_the_closing_keyframe_has_its_own_id_and_a_seed_at_the_limit_is_fine(write_manifest):
+    import pyarrow as pa
+
+    from farm.expand import expand
+    from farm.manifest import load_manifest
+    from farm.records import TASK_COLUMNS, arrow_schema, task_row
+
+    text = SEQUENCE.replace("PLAN", "keyframes").replace("SHOTS", '    - {prompt: "a"}\n    - {prompt: "a"}\n')
+    tasks = expand(load_manifest(write_manifest(text + "seeds: [5, 6, 9223372036854775807]\n"))).tasks
+    keys = [t for t in tasks if dict(t.variant)["part"] == "keyframe"]
+    assert len(keys) == 3 * 3 - 3  # per seed: shots 1 and 2 share a prompt (one still), the closing one differs
+    pa.Table.from_pylist([task_row(t) for t in tasks], schema=arrow_schema(TASK_COLUMNS))

@@ -113,7 +113,14 @@ class _Planner:
                 "plan",
                 hint="use a model that renders them, e.g. model: tiny",
             )
-        self._checked = False
+        if self.seq.last_image and self.seq.plan is not SequencePlan.KEYFRAMES:
+            raise mf.error(
+                "last_image: closes a keyframes plan; a chained sequence ends where its last shot goes",
+                "sequence",
+                "last_image",
+                hint="set plan: keyframes, or remove last_image:",
+            )
+        self._checked_settings: set[RenderSettings] = set()
         from farm.expand import PromptLength
 
         self.length = PromptLength(mf)
@@ -127,24 +134,27 @@ class _Planner:
             ) from None
 
     def check(self, c: _Combination) -> None:
-        """Per combination: its placeholders have values; once: what a sequence cannot have."""
-        if not self._checked:
-            if c.source != "matrix":
-                raise self.mf.error("a sequence manifest has no tasks:", "tasks", hint="remove tasks:")
-            if c.resolved.conditioning.mode is not Mode.T2V:
+        """Per combination (an axis value may set anything): what a sequence cannot have, its
+        placeholders' values, its shots' frames (once per distinct settings)."""
+        if c.source != "matrix":
+            raise self.mf.error("a sequence manifest has no tasks:", "tasks", hint="remove tasks:")
+        if c.resolved.conditioning.mode is not Mode.T2V:
+            raise self.mf.error(
+                "a sequence plans its own modes",
+                "mode",
+                hint="remove mode: and its inputs from the campaign and its axis values (give shots image: keyframes)",
+            )
+        for key in (PART, SHOT):
+            if key in c.values:
                 raise self.mf.error(
-                    "a sequence plans its own modes", "mode", hint="remove mode: (give shots image: keyframes instead)"
+                    f"{key!r} names a sequence's tasks' parts; an axis or column of a sequence cannot be called that",
+                    "axes",
+                    key,
+                    hint="rename it",
                 )
-            for key in (PART, SHOT):
-                if key in c.values:
-                    raise self.mf.error(
-                        f"{key!r} names a sequence's tasks' parts; an axis of a sequence cannot be called that",
-                        "axes",
-                        key,
-                        hint="rename the axis",
-                    )
+        if c.settings not in self._checked_settings:
             self._check_shots(c.settings)
-            self._checked = True
+            self._checked_settings.add(c.settings)
         for i, template in enumerate(self.prompts):
             missing = [n for n in template.names if n not in c.values]
             if missing:
@@ -168,6 +178,12 @@ class _Planner:
                 raise self.mf.error(
                     f"shot {i + 1} has {frames} frames: a later shot needs more than its {SEQUENCE_OVERLAP_FRAMES} "
                     f"overlapping frame and the {crossfade} crossfade frames",
+                    *where,
+                    hint="give it more frames: or lower crossfade:",
+                )
+            if not i and len(self.seq.shots) > 1 and frames <= crossfade:
+                raise self.mf.error(
+                    f"shot 1 has {frames} frames: the {crossfade} crossfade frames need more",
                     *where,
                     hint="give it more frames: or lower crossfade:",
                 )
@@ -201,10 +217,12 @@ class _Planner:
         seed: int,
         mode: Mode,
         inputs: tuple[InputRef, ...] = (),
+        hashed: dict[str, object] | None = None,
     ) -> Task:
         """A keyframe or a segment: its id hashes its inputs' content, or the ids of the tasks it reads."""
         hashed_inputs = tuple(i.task_id or i.sha256 for i in inputs)
-        hashed = {"fit": one.fit} if mode is not Mode.T2V else None
+        if mode is not Mode.T2V:
+            hashed = {**(hashed or {}), "fit": one.fit}
         identity = mode_identity(self.mf.model, mode)
         task_id = compute_task_id(identity, mode, prompt, settings, seed, hashed_inputs, hashed)
         files = {i.role.value: i.uri for i in inputs if i.task_id is None}
@@ -251,9 +269,13 @@ class _Planner:
             if image:
                 keys.append(self._given(InputRole.IMAGE, image, one, where))
                 continue
-            # The closing keyframe shows the last shot's prompt too: the next seed tells it from its opening one.
-            prompt, seed = (prompts[k], one.seed) if k < len(shots) else (prompts[-1], one.seed + 1)
-            still = self._task(one, (Part.KEYFRAME, k + 1), prompt, replace(one.settings, frames=1), seed, Mode.T2V)
+            # The closing keyframe shows the last shot's prompt too: its id says it closes the shot, so it
+            # differs from the opening one (and from another seed's keyframes).
+            closing: dict[str, object] | None = {"keyframe": "closing"} if k == len(shots) else None
+            still = self._task(
+                one, (Part.KEYFRAME, k + 1), prompts[min(k, len(shots) - 1)], replace(one.settings, frames=1),
+                one.seed, Mode.T2V, hashed=closing,
+            )  # fmt: skip
             keys.append(InputRef(InputRole.IMAGE, f"task:{still.task_id}"))
             yield still
         segments = []
@@ -280,7 +302,7 @@ class _Planner:
             variant,
             Conditioning(mode=Mode.STITCH),
             one.source,
-            Requirements(),
+            one.needs,  # where the segments render: a renderer of the model is there
             inputs,
             ids,
             self.stitching,

@@ -137,7 +137,7 @@ def _check_segments(segments: Sequence[np.ndarray], crossfade: int, overlap: int
         if segment.shape[1:3] != (height, width):
             h, w = segment.shape[1:3]
             raise ValueError(f"segment {i} is {w}x{h}, segment 0 is {width}x{height}: all must be one size")
-    if len(segments[0]) <= crossfade:
+    if len(segments) > 1 and len(segments[0]) <= crossfade:
         raise ValueError(f"segment 0 has {len(segments[0])} frames: a crossfade of {crossfade} needs more")
     for i, segment in enumerate(segments[1:], start=1):
         if len(segment) <= overlap + crossfade:
