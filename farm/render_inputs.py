@@ -59,6 +59,8 @@ class TaskInputs:
     def prepare(self, task: Task, sink: Sink, options: StorageOptions) -> Prepared:
         fit = task.conditioning.fit
         prepared = Prepared()
+        if not task.inputs:  # text-to-video: nothing to fetch, no temporary folder per clip
+            return prepared
         read = []
         with tempfile.TemporaryDirectory(prefix="farm-inputs-") as tmp:
             for ref in task.inputs:

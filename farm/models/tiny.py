@@ -99,31 +99,26 @@ def _byte_level_tokenizer():
 
 
 def _build(directory: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    tokenizer, text_encoder, vae, transformer = _seeded_parts(TINY_SEED, _LATENT_CHANNELS)
-    pipeline = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
-    pipeline.save_pretrained(directory)  # type: ignore[attr-defined]  # diffusers' mixins are untyped
+    _save("WanPipeline", TINY_SEED, _LATENT_CHANNELS, directory)
 
 
 def _build_i2v(directory: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    _save("WanImageToVideoPipeline", TINY_I2V_SEED, _I2V_IN_CHANNELS, directory)
 
-    tokenizer, text_encoder, vae, transformer = _seeded_parts(TINY_I2V_SEED, _I2V_IN_CHANNELS)
-    pipeline = WanImageToVideoPipeline(
+
+def _save(pipeline_class: str, seed: int, in_channels: int, directory: Path) -> None:
+    """A tiny pipeline of ``pipeline_class`` from seeded parts, saved as any checkpoint is."""
+    import diffusers
+
+    tokenizer, text_encoder, vae, transformer = _seeded_parts(seed, in_channels)
+    pipeline = getattr(diffusers, pipeline_class)(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
-    pipeline.save_pretrained(directory)  # type: ignore[attr-defined]
+    pipeline.save_pretrained(directory)
 
 
 def _seeded_parts(seed: int, in_channels: int) -> tuple[Any, Any, Any, Any]:
