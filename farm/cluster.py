@@ -4,6 +4,7 @@ renderer actors in them."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -268,15 +269,23 @@ def discover_pools(nodes: list[dict] | None = None) -> list[PoolCapacity]:
     ]
 
 
+@functools.cache
+def _remote_renderer() -> Any:
+    """The Renderer as a Ray actor class, made once a process: Ray exports a class (pickled and
+    disassembled for its identity, ~0.2 s) each time one is made, not each time one is started."""
+    import ray
+
+    return ray.remote(Renderer)
+
+
 def start_renderer(model: ModelRef, capacity: PoolCapacity):
     """Start one Renderer actor in a pool. Returns the actor handle at once; its ``info()``
     resolves once the model is resident."""
-    import ray
 
     resources = {} if capacity.pool.name == LOCAL_POOL else {f"{POOL_RESOURCE}{capacity.pool.name}": 1}
     threads = 2 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER
     return (
-        ray.remote(Renderer)
+        _remote_renderer()
         .options(
             num_cpus=0 if capacity.gpus_per_slot else CPUS_PER_CPU_RENDERER,
             num_gpus=capacity.gpus_per_slot,

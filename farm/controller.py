@@ -10,11 +10,12 @@ It composes the pure parts and carries out their decisions against Ray in a back
   shrinks;
 - scaling (farm/scaling.py) sizes the pools Ray's autoscaler can launch.
 
-Each renderer has a bounded number of tasks in flight; results are collected as they finish and
-every attempt goes to the catalog in batches. A renderer that dies has its in-flight tasks
-requeued as interrupted; one that runs a task past the job's timeout is killed and replaced, and
-that attempt counts as failed. Cancel stops dispatch at once and stops the job's running work
-after a short grace period.
+Each renderer has a bounded number of calls in flight, each one task or (short tasks, once
+measured) a batch of them; results are collected as they finish and every attempt goes to the
+catalog in batches. A renderer that dies has the clips it committed but never reported adopted
+from their commit markers, and its other in-flight tasks requeued as interrupted; one that runs
+a task past the job's timeout is killed and replaced, and that attempt counts as failed. Cancel
+stops dispatch at once and stops the job's running work after a short grace period.
 
 Its state lives in the catalog: jobs and their task lists are written by the submitting client,
 attempts and events by the controller. Ray restarts the actor if it dies, and the new one picks up
@@ -40,6 +41,7 @@ from farm.config import AUTOSCALE_INTERVAL_S, CONTROLLER_WAIT_S, FINISHED_JOB_TT
 from farm.controller_view import farm_snapshot
 from farm.errors import ClusterError
 from farm.fleet import (
+    Batch,
     FailModelJobs,
     Fleet,
     FleetDecision,
@@ -50,12 +52,12 @@ from farm.fleet import (
     TimedOut,
     pool_of,
 )
-from farm.jobs import JobBook, JobProgress, attempt_result
+from farm.jobs import JobBook, JobProgress, attempt_result, committed_result
 from farm.metrics import ControllerMetrics, FarmSnapshot
 from farm.records import JobRecord
 from farm.scaling import Autoscaling, PoolScaling
 from farm.scheduler import Decision, Dispatch, Outcome, Scheduler
-from farm.storage import OutputTarget
+from farm.storage import OutputTarget, open_sink
 from farm.task import AttemptStatus, FailureKind, Result, Task
 
 CONTROLLER_NAME = "farm-controller"
@@ -67,6 +69,19 @@ log = logging.getLogger("farm.controller")
 
 def _first_line(exc: BaseException, default: str) -> str:
     return (str(exc).strip().splitlines() or [default])[0]
+
+
+def _name_os_thread(name: str) -> None:
+    """Name the calling thread for the OS (``top -H``, /proc/<pid>/task/*/comm): the controller's
+    process has Ray's threads beside its own, and per-thread CPU is how its cost is measured."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: names are a convenience
+        pass
 
 
 class CatalogQueries:
@@ -232,6 +247,7 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        _name_os_thread("farm-dispatch")
         while not self._stop.is_set():
             try:
                 self._turn()
@@ -275,8 +291,8 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
             self._fleet_changed, self._fleet_looked_at = False, now
             self._carry_out(self.fleet.scale(self.scheduler.demand(), self.book.models()))
             self._carry_out(self.fleet.overdue(self.book.timeouts(), self.book.stopping()))
-        for d in self.scheduler.next_dispatches():
-            self._send(d)
+        for batch in self.scheduler.next_batches():
+            self._send(batch)
         for decision in self.scheduler.drain_decisions():  # taken while dispatching
             self._apply(decision, None, None)
         return look_over
@@ -350,13 +366,8 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
                 self._timed_out(d)
 
     def _timed_out(self, d: TimedOut) -> None:
-        """The attempt counts as failed (retried with backoff); the renderer is replaced."""
-        task, node_id = d.dispatch.task, self.fleet.renderers[d.slot].node_id
-        self.fleet.collected(d.ref)
-        decision = self.scheduler.record(d.slot, d.dispatch.job_id, task.task_id, False, d.reason)
-        result = attempt_result(task.task_id, d.dispatch.attempt, AttemptStatus.FAILED, d.reason, FailureKind.TIMEOUT)
-        self._apply(decision, d.dispatch, replace(result, node_id=node_id))
-        self._retire(d.slot, "stopped after a timeout")
+        """The attempt it was stuck in counts as failed (retried with backoff); the renderer is replaced."""
+        self._retire(d.slot, "stopped after a timeout", d)
 
     def _renderer_started(self, slot: str, ref) -> None:
         import ray
@@ -369,50 +380,99 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
             return
         self._carry_out(self.fleet.loaded(slot, info))
 
-    def _renderer_lost(self, slot: str, reason: str) -> RendererRecord | None:
-        """A renderer died or is being stopped: what it had queued goes back to the scheduler
-        (the head was running; the rest only waited)."""
+    def _renderer_lost(self, slot: str, reason: str, timed_out: TimedOut | None = None) -> RendererRecord | None:
+        """A renderer died or is being stopped: the clips it committed but never reported are
+        adopted; the rest of what it had queued goes back to the scheduler (the head batch was
+        running, the others only waited). ``timed_out``: it is stopped for running too long."""
         renderer = self.fleet.remove(slot)
         self._fleet_changed = True  # a replacement may be due
-        queued = list(renderer.queue) if renderer else []
-        dispatches = {(d.job_id, d.task.task_id): d for _, d in queued}
-        running = queued[0][1].task.task_id if queued else None
-        for decision in self.scheduler.remove_slot(slot, reason, running):
+        batches = [batch for _, batch in renderer.queue] if renderer else []
+        left = self._adopt_committed(slot, batches)
+        head = [d for d in batches[0] if d in left] if batches else []
+        if timed_out is not None and head and renderer is not None:
+            stuck, head = head[0], head[1:]  # a batch renders in order: the first not committed
+            decision = self.scheduler.record(slot, stuck.job_id, stuck.task.task_id, False, timed_out.reason)
+            result = attempt_result(
+                stuck.task.task_id, stuck.attempt, AttemptStatus.FAILED, timed_out.reason, FailureKind.TIMEOUT
+            )
+            self._apply(decision, stuck, replace(result, node_id=renderer.node_id))
+        # One task alone is known to have been running; of a batch any may have killed it.
+        single = len(batches[0]) == 1 if batches else False
+        running = head[0].task.task_id if single and head and timed_out is None else None
+        solo = [] if single else [d.task.task_id for d in head]
+        dispatches = {(d.job_id, d.task.task_id): d for d in left}
+        for decision in self.scheduler.remove_slot(slot, reason, running, solo):
             self._apply(decision, dispatches.get((decision.job_id, decision.task_id)), None)
         return renderer
 
-    def _retire(self, slot: str, reason: str) -> None:
+    def _adopt_committed(self, slot: str, batches: list[Batch]) -> list[Dispatch]:
+        """Attempts of a renderer that went whose clips it committed before going (each clip of a
+        batch is committed as it finishes): done, read from their commit markers as a restarted
+        controller adopts them. Returns the other attempts, in order."""
+        left: list[Dispatch] = []
+        for batch in batches:
+            job = self.book.jobs.get(batch[0].job_id)
+            try:
+                sink = open_sink(job.target) if job else None
+                committed = [committed_result(sink, d.task) if sink else None for d in batch]
+            except Exception as exc:  # unreadable output: render them again rather than guess
+                self.errors.append(f"commit markers of {slot}'s clips unread: {_first_line(exc, repr(exc))}")
+                committed = [None] * len(batch)
+            for d, result in zip(batch, committed, strict=True):
+                if result is None:
+                    left.append(d)
+                    continue
+                # This attempt's own clip and timings: only the way its result came back differs.
+                decision = self.scheduler.record(slot, d.job_id, d.task.task_id, True)
+                self._apply(decision, d, result)
+        return left
+
+    def _retire(self, slot: str, reason: str, timed_out: TimedOut | None = None) -> None:
         import ray
 
-        renderer = self._renderer_lost(slot, reason)
+        renderer = self._renderer_lost(slot, reason, timed_out)
         if renderer is not None:
             ray.kill(renderer.handle, no_restart=True)
 
     # ------------------------------------------------------------------ attempts
-    def _send(self, d: Dispatch) -> None:
-        renderer = self.fleet.renderers[d.slot]
-        self.fleet.sent(renderer.handle.render.remote(d.task, d.attempt, self.book.jobs[d.job_id].target), d)
+    def _send(self, batch: list[Dispatch]) -> None:
+        """One call to the slot's renderer: one attempt, or a batch of one job's short ones."""
+        renderer = self.fleet.renderers[batch[0].slot]
+        target = self.book.jobs[batch[0].job_id].target
+        if len(batch) == 1:
+            ref = renderer.handle.render.remote(batch[0].task, batch[0].attempt, target)
+        else:
+            ref = renderer.handle.render_batch.remote([(d.task, d.attempt) for d in batch], target)
+        self.fleet.sent(ref, tuple(batch))
 
     def _collect(self, ref) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        slot, d = self.fleet.in_flight[ref]
+        slot, batch = self.fleet.in_flight[ref]
         try:
-            result: Result = ray.get(ref)
+            got: Result | list[Result] = ray.get(ref)
         except RayActorError as exc:
-            # Still on the renderer's queue: _renderer_lost sees whether it was the one running.
+            # Still on the renderer's queue: _renderer_lost sees what it had committed and was running.
             self._renderer_lost(slot, _first_line(exc, "renderer died"))
             return
         except RayTaskError as exc:
             error = str(exc).strip().splitlines()[-1][:2000]
-            result = attempt_result(d.task.task_id, d.attempt, AttemptStatus.FAILED, error, FailureKind.OTHER)
+            got = [
+                attempt_result(d.task.task_id, d.attempt, AttemptStatus.FAILED, error, FailureKind.OTHER) for d in batch
+            ]
         self.fleet.collected(ref)
+        for d, result in zip(batch, got if isinstance(got, list) else [got], strict=True):
+            self._record_result(slot, d, result)
+
+    def _record_result(self, slot: str, d: Dispatch, result: Result) -> None:
+        seconds = 0.0
         if result.succeeded:  # measured clip time per pool: what deadline estimates are made of
             t = result.timings
             self.autoscaling.record_clip(pool_of(slot), t.generate_s + t.encode_s + t.write_s)
+            seconds = result.finished_at - result.started_at  # on its renderer: what batches are sized by
         oom = result.error_kind is FailureKind.OOM  # retried on a pool with more VRAM (scheduler.py)
-        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error, oom)
+        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error, oom, seconds)
         self._apply(decision, d, result)
 
     def _apply(self, decision: Decision, d: Dispatch | None, result: Result | None) -> None:

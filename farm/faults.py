@@ -27,17 +27,23 @@ class Fault:
     renderer process, "hang" sleeps ``hang_s`` then fails (for timeouts), "slow" sleeps
     ``hang_s`` then renders normally, "oom" raises torch's OutOfMemoryError, as a GPU that ran
     out of memory does. ``once``: a file path; the fault strikes only the first time, across every
-    renderer process (an interrupted attempt keeps its number, so ``fail_attempts`` can't say that)."""
+    renderer process (an interrupted attempt keeps its number, so ``fail_attempts`` can't say that).
+    ``trace``: a file path; every attempt the fault matches appends "prompt<TAB>attempt<TAB>pid"
+    to it first, so a test can count what was rendered, and where."""
 
     prompt_contains: str
     fail_attempts: int = 1_000_000
     action: str = "raise"
     hang_s: float = 3600.0
     once: str = ""
+    trace: str = ""
 
     def apply(self, task: Task, attempt: int) -> None:
         if self.prompt_contains not in task.prompt or attempt > self.fail_attempts:
             return
+        if self.trace:
+            with open(self.trace, "a") as fh:  # one short write: whole lines across processes
+                fh.write(f"{task.prompt}\t{attempt}\t{os.getpid()}\n")
         if self.once:
             try:
                 os.close(os.open(self.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -24,8 +24,9 @@ Policy:
   that model would fail the same way;
 - when a pool is scaled down, only whole nodes whose renderers are all idle are released
   (``scaling.renderers_to_release``): the autoscaler removes a node only when nothing holds it;
-- each renderer has a queue of attempts sent to it, in order; the head is the one running, and
-  its running time (what a job's timeout is measured against) counts from when it became the head.
+- each renderer has a queue of calls sent to it, in order, each a batch of one or more attempts
+  (farm/scheduler.py); the head batch is the one running, and its running time counts from when
+  it became the head: it may run a job's timeout for each attempt in it.
 """
 
 from __future__ import annotations
@@ -86,14 +87,18 @@ class FailModelJobs:
     reason: str
 
 
+Batch = tuple[Dispatch, ...]  # the attempts of one call to a renderer, rendered in this order
+
+
 @dataclass(frozen=True)
 class TimedOut:
-    """The attempt running on ``slot`` (``ref`` resolves to its result) ran past its job's timeout:
-    it counts as failed, and the renderer is replaced (one stuck in a task may never come back)."""
+    """The batch running on ``slot`` (``ref`` resolves to its results) ran past its job's timeout
+    (for each attempt in it): the renderer is replaced (one stuck in a task may never come back),
+    and the attempt it was stuck in counts as failed."""
 
     slot: str
     ref: Hashable
-    dispatch: Dispatch
+    batch: Batch
     reason: str
 
 
@@ -109,7 +114,7 @@ class RendererRecord:
     model: ModelRef
     handle: Any  # opaque here: a Ray actor handle in the controller, a fake in tests
     ready: bool = False  # its model is loaded
-    queue: deque[tuple[Hashable, Dispatch]] = field(default_factory=deque)  # (result ref, dispatch); head runs
+    queue: deque[tuple[Hashable, Batch]] = field(default_factory=deque)  # (results ref, batch); head runs
     head_started: float = 0.0
     loads: int = 0
     load_s: float = 0.0
@@ -141,7 +146,7 @@ class Fleet:
         self.clock = clock
         self.renderers: dict[str, RendererRecord] = {}
         self.capacity: dict[str, PoolCapacity] = {}  # pool name → what its alive nodes offer
-        self.in_flight: dict[Hashable, tuple[str, Dispatch]] = {}  # result ref → (slot, dispatch)
+        self.in_flight: dict[Hashable, tuple[str, Batch]] = {}  # results ref → (slot, batch)
         self.pending_starts: dict[Hashable, str] = {}  # ref that resolves once loaded → slot
 
     # ------------------------------------------------------------------ pools
@@ -244,18 +249,19 @@ class Fleet:
         ]
 
     # ------------------------------------------------------------------ work on renderers
-    def sent(self, ref: Hashable, dispatch: Dispatch) -> None:
-        """An attempt was sent to its slot's renderer; ``ref`` resolves to its Result."""
-        renderer = self.renderers[dispatch.slot]
+    def sent(self, ref: Hashable, batch: Batch) -> None:
+        """A batch of attempts (one slot's) was sent to its renderer; ``ref`` resolves to its results."""
+        slot = batch[0].slot
+        renderer = self.renderers[slot]
         if not renderer.queue:
             renderer.head_started = self.clock()
-        renderer.queue.append((ref, dispatch))
-        self.in_flight[ref] = (dispatch.slot, dispatch)
+        renderer.queue.append((ref, batch))
+        self.in_flight[ref] = (slot, batch)
 
-    def collected(self, ref: Hashable) -> tuple[str, Dispatch]:
-        """An attempt's result is in (or it is written off): take it off its renderer's queue.
-        The next attempt in the queue starts running now."""
-        slot, dispatch = self.in_flight.pop(ref)
+    def collected(self, ref: Hashable) -> tuple[str, Batch]:
+        """A batch's results are in (or it is written off): take it off its renderer's queue.
+        The next batch in the queue starts running now."""
+        slot, batch = self.in_flight.pop(ref)
         renderer = self.renderers.get(slot)
         if renderer is not None:
             if renderer.queue and renderer.queue[0][0] == ref:
@@ -263,7 +269,7 @@ class Fleet:
                 renderer.head_started = self.clock()
             else:  # results can come in out of order
                 renderer.queue = deque(item for item in renderer.queue if item[0] != ref)
-        return slot, dispatch
+        return slot, batch
 
     def heads(self) -> list[tuple[RendererRecord, float]]:
         """Each renderer that is rendering, and how long its running attempt has run."""
@@ -272,20 +278,19 @@ class Fleet:
 
     def overdue(self, timeouts: Mapping[str, float], stop: Iterable[str] = ()) -> list[FleetDecision]:
         """Renderers to stop now: those running an attempt of a job in ``stop`` (cancelled, its
-        grace over), and those whose running attempt has run past its job's timeout (``timeouts``:
-        job id → seconds). Attempts only waiting in a queue are not timed."""
+        grace over), and those whose running batch has run past its job's timeout for each attempt
+        in it (``timeouts``: job id → seconds). Batches only waiting in a queue are not timed."""
         now, stop = self.clock(), set(stop)
         out: list[FleetDecision] = []
         for r in list(self.renderers.values()):
             if not r.queue:
                 continue
-            ref, head = r.queue[0]
-            if head.job_id in stop:
+            ref, batch = r.queue[0]
+            job_id = batch[0].job_id  # a batch is one job's
+            if job_id in stop:
                 out.append(RetireRenderer(r.slot, "job cancelled"))
-            elif head.job_id in timeouts and now - r.head_started > timeouts[head.job_id]:
-                out.append(
-                    TimedOut(r.slot, ref, head, f"timed out after {timeouts[head.job_id]:g}s on renderer {r.slot}")
-                )
+            elif job_id in timeouts and now - r.head_started > timeouts[job_id] * len(batch):
+                out.append(TimedOut(r.slot, ref, batch, f"timed out after {timeouts[job_id]:g}s on renderer {r.slot}"))
         return out
 
     def waiting(self) -> list[Hashable]:
@@ -306,7 +311,7 @@ class Fleet:
 
     def running_by_pool(self) -> Counter[str]:
         """Attempts running or queued on each pool's renderers."""
-        return Counter(r.pool for r in self.renderers.values() for _ in r.queue)
+        return Counter(r.pool for r in self.renderers.values() for _, batch in r.queue for _ in batch)
 
     def busy_pools(self) -> set[str]:
         """Pools with a renderer rendering or loading: not idle, whatever the backlog says."""
@@ -328,7 +333,7 @@ class Fleet:
                         "model": r.model.spec,
                         "ready": r.ready,
                         "node_id": r.node_id,
-                        "busy": [f"{d.job_id}/{d.task.task_id}" for _, d in r.queue],
+                        "busy": [f"{d.job_id}/{d.task.task_id}" for _, batch in r.queue for d in batch],
                     }
                     for r in self.renderers.values()
                     if r.pool == name

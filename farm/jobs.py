@@ -31,7 +31,7 @@ from farm.catalog import AttemptWriter, Catalog
 from farm.config import CANCEL_GRACE_S, FINISHED_JOBS_KEPT
 from farm.records import JobRecord, attempt_row
 from farm.scheduler import Decision, Dispatch, JobLimits, Outcome, Progress, Scheduler
-from farm.storage import OutputTarget, StorageOptions, open_sink
+from farm.storage import OutputTarget, Sink, StorageOptions, open_sink
 from farm.task import AttemptStatus, FailureKind, JobEvent, JobState, ModelRef, Result, Task
 
 
@@ -80,21 +80,28 @@ def attempt_result(task_id: str, attempt: int, status: AttemptStatus, error: str
     return Result(task_id, attempt, status, error=error, started_at=now, finished_at=now, error_kind=kind)
 
 
+def committed_result(sink: Sink, task: Task) -> Result | None:
+    """The result of ``task``'s clip as its commit marker in ``sink`` records it, if the clip is
+    there and is the one the marker names; None if it was never committed."""
+    from farm.render import result_from_record
+
+    record = sink.get_json(f"{task.task_id}.json")
+    if not record or record.get("task_id") != task.task_id:
+        return None
+    result = result_from_record(record)
+    return result if result.succeeded and sink.matches(f"{task.task_id}.mp4", result.sha256) else None
+
+
 def adopt_finished_outputs(catalog: Catalog, job_id: str, target: OutputTarget, tasks: list[Task]) -> set[str]:
     """Catalog clips whose commit marker is in the output but whose row never reached the catalog
     (the writer died between the two), instead of rendering them again. Also aborts uploads a
     killed renderer left half-done for the others."""
-    from farm.render import result_from_record
-
     sink = open_sink(target)
     adopted: set[str] = set()
     with catalog.writer(job_id) as writer:
         for task in tasks:
-            record = sink.get_json(f"{task.task_id}.json")
-            if not record or record.get("task_id") != task.task_id:
-                continue
-            result = result_from_record(record)
-            if result.succeeded and sink.matches(f"{task.task_id}.mp4", result.sha256):
+            result = committed_result(sink, task)
+            if result is not None:
                 writer.add(attempt_row(task, result, target.uri, final=True, recovered=True))
                 adopted.add(task.task_id)
     pending = {t.task_id for t in tasks} - adopted

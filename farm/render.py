@@ -166,6 +166,13 @@ class Renderer:
             with self.flow.finishing(ticket):
                 return self._finish(task, attempt, output, started, clip)
 
+    def render_batch(self, attempts: list[tuple[Task, int]], output: OutputTarget) -> list[Result]:
+        """Render several attempts, in order, in one call (short clips: farm/scheduler.py batches
+        them so a Ray call per clip does not cost more than the clip). Each is committed as it
+        finishes, so a renderer that dies mid-batch leaves the finished ones adoptable. Two batches
+        in flight on a pipelined renderer interleave through the same stages as single calls."""
+        return [self.render(task, attempt, output) for task, attempt in attempts]
+
     def utilisation(self) -> Utilisation:
         """Time generating, busy wall time and clips so far: the generate share."""
         return self.flow.utilisation()

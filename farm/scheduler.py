@@ -17,7 +17,14 @@ Policy, in order:
   renderer it touches ends failed instead of sinking the pool);
 - a slot that fails ``bad_slot_limit`` attempts of a job is not given that job's tasks again;
 - a task with parents (a sequence's graph) waits until every parent of it in the job has
-  succeeded; a parent that fails for good blocks all its descendants (never attempted).
+  succeeded; a parent that fails for good blocks all its descendants (never attempted);
+- short tasks go out in batches: once a job's attempts are measured, a slot is given up to
+  ``batch_target_s`` of its work in one dispatch round (at most ``max_batch`` tasks), so the Ray
+  calls, not the rendering, stop being the cost per task. A renderer holds ``in_flight_per_slot``
+  batches. Batches shrink as the queue drains (never more than an even share of what is left per
+  slot and in-flight place), so renderers finish together. A task others wait on (a sequence's
+  parent), and a task whose batch was on a renderer that died, go alone: a parent's result
+  releases its children at once, and a task that kills renderers is found and counted alone.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from typing import NamedTuple
 
 from farm.config import (
     BAD_SLOT_LIMIT,
+    BATCH_TARGET_S,
     IN_FLIGHT_PER_RENDERER,
+    MAX_BATCH,
     MAX_INTERRUPTIONS,
     RETRY_BACKOFF_BASE_S,
     RETRY_BACKOFF_MAX_S,
@@ -180,9 +189,18 @@ class _Job:
     blocked: int = 0
     cancelled: bool = False
     graph: _Graph = field(default_factory=lambda: _Graph())
+    task_s: float = 0.0  # a moving average of its attempts' seconds on a renderer; 0: none measured yet
+    solo: set[str] = field(default_factory=set)  # tasks that go alone: their batch's renderer died
 
     def queued(self) -> int:
         return sum(len(q) for q in self.ready.values()) + len(self.delayed)
+
+    def ready_count(self) -> int:
+        return sum(len(q) for q in self.ready.values())
+
+    def alone(self, task_id: str) -> bool:
+        """Whether ``task_id`` goes in a batch of its own (see the module's policy)."""
+        return task_id in self.solo or task_id in self.graph.children
 
     def push(self, task: Task, front: bool = False) -> None:
         queue = self.ready.setdefault(task.needs, deque())
@@ -205,10 +223,13 @@ class Scheduler:
         in_flight_per_slot: int = IN_FLIGHT_PER_RENDERER,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        batch_target_s: float = BATCH_TARGET_S,
+        max_batch: int = MAX_BATCH,
     ) -> None:
-        if in_flight_per_slot < 1:
-            raise ValueError("in_flight_per_slot must be at least 1")
+        if in_flight_per_slot < 1 or max_batch < 1:
+            raise ValueError("in_flight_per_slot and max_batch must be at least 1")
         self.in_flight_per_slot = in_flight_per_slot
+        self.batch_target_s, self.max_batch = batch_target_s, max_batch
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.pools: dict[str, Pool] = {}
@@ -232,10 +253,15 @@ class Scheduler:
             raise ValueError(f"unknown pool {pool!r}")
         self._slots.setdefault(slot, _Slot(pool, model))
 
-    def remove_slot(self, slot: str, reason: str = "renderer lost", running: str | None = None) -> list[Decision]:
+    def remove_slot(
+        self, slot: str, reason: str = "renderer lost", running: str | None = None, solo: Iterable[str] = ()
+    ) -> list[Decision]:
         """A slot's renderer died: its tasks go back to their queues as interrupted. The task that
         was running (``running``; the others only waited behind it) is counted: once it has been
-        on ``max_interruptions`` renderers that died, it fails instead of going back."""
+        on ``max_interruptions`` renderers that died, it fails instead of going back. Tasks in
+        ``solo`` (a batch was running: which of them killed the renderer is not known) go back
+        uncounted, to be sent alone from now on."""
+        solo = set(solo)
         lost = self._slots.pop(slot, None)
         if lost is None:
             return []
@@ -262,6 +288,8 @@ class Scheduler:
                 )
                 self._block_descendants(task_id)
             else:
+                if task_id in solo:
+                    job.solo.add(task_id)
                 job.push(task, front=True)
                 decisions.append(Decision(job_id, task_id, Outcome.REQUEUED, reason, task=task))
         return decisions
@@ -313,12 +341,18 @@ class Scheduler:
         self._jobs.pop(job_id, None)
 
     def next_dispatches(self) -> list[Dispatch]:
-        """Fill free slots: cheapest pool first, least-loaded slot first, one task per slot per
-        round so work spreads over every renderer."""
+        """``next_batches``, one dispatch after another."""
+        return [d for batch in self.next_batches() for d in batch]
+
+    def next_batches(self) -> list[list[Dispatch]]:
+        """Fill free slots: cheapest pool first, least-loaded slot first, one batch (one job's
+        tasks, one task until the job's attempts are measured) per slot per round so work spreads
+        over every renderer. Each batch is one call to its slot's renderer."""
         self._release_due()
         self._fail_jobs_with_only_banned_slots()
-        out: list[Dispatch] = []
-        free = [name for name, s in self._slots.items() if len(s.in_flight) < self.in_flight_per_slot]
+        out: list[list[Dispatch]] = []
+        share = self._even_share()
+        free = list(self._slots)
         while free:
             free.sort(
                 key=lambda name: (
@@ -329,15 +363,27 @@ class Scheduler:
             )
             took = []
             for name in free:
-                dispatch = self._take(name)
-                if dispatch:
-                    out.append(dispatch)
+                batch = self._take(name, share)
+                if batch:
+                    out.append(batch)
                     took.append(name)
-            # A slot given nothing this round gets nothing the next (queues only shrink meanwhile).
-            free = [name for name in took if len(self._slots[name].in_flight) < self.in_flight_per_slot]
+            free = took  # a slot given nothing this round gets nothing the next (queues only shrink meanwhile)
         return out
 
-    def _take(self, slot_name: str) -> Dispatch | None:
+    def _even_share(self) -> int:
+        """The most tasks one batch may hold now: an even share of the ready tasks over every
+        slot's in-flight places, so no renderer is left holding the tail while others are idle."""
+        places = max(1, len(self._slots) * self.in_flight_per_slot)
+        ready = sum(j.ready_count() for j in self._jobs.values() if not j.cancelled)
+        return max(1, math.ceil(ready / places))
+
+    def batch_size(self, job: _Job, share: int) -> int:
+        """Tasks of ``job`` one batch holds: about ``batch_target_s`` of its measured work."""
+        if job.task_s <= 0:
+            return 1
+        return max(1, min(self.max_batch, share, int(self.batch_target_s / job.task_s)))
+
+    def _take(self, slot_name: str, share: int) -> list[Dispatch]:
         slot = self._slots[slot_name]
         pool = self.pools[slot.pool]
         candidates = [
@@ -349,14 +395,23 @@ class Scheduler:
             and any(q for needs, q in j.ready.items() if pool.fits(needs))
         ]
         if not candidates:
-            return None
+            return []
         job = min(candidates, key=lambda j: (-j.priority, j.in_flight, j.seq))
         queue = next(q for needs, q in job.ready.items() if q and pool.fits(needs))
-        task = queue.popleft()
-        job.attempts[task.task_id] += 1
-        job.in_flight += 1
-        slot.in_flight[(job.job_id, task.task_id)] = task
-        return Dispatch(job.job_id, task, job.attempts[task.task_id], slot_name)
+        size = 1 if job.alone(queue[0].task_id) else self.batch_size(job, share)
+        room = self.in_flight_per_slot * size - len(slot.in_flight)
+        if room < size and len(slot.in_flight) >= size:  # a whole batch waits there: wait for room for another
+            return []
+        batch: list[Dispatch] = []
+        for _ in range(min(size, room)):
+            if not queue or (batch and job.alone(queue[0].task_id)):
+                break
+            task = queue.popleft()
+            job.attempts[task.task_id] += 1
+            job.in_flight += 1
+            slot.in_flight[(job.job_id, task.task_id)] = task
+            batch.append(Dispatch(job.job_id, task, job.attempts[task.task_id], slot_name))
+        return batch
 
     def _fail_jobs_with_only_banned_slots(self) -> None:
         for job in self._jobs.values():
@@ -404,10 +459,18 @@ class Scheduler:
         self._due_at = min((job.delayed[0][0] for job in self._jobs.values() if job.delayed), default=math.inf)
 
     def record(
-        self, slot: str, job_id: str, task_id: str, succeeded: bool, error: str = "", oom: bool = False
+        self,
+        slot: str,
+        job_id: str,
+        task_id: str,
+        succeeded: bool,
+        error: str = "",
+        oom: bool = False,
+        seconds: float = 0.0,
     ) -> Decision:
         """An attempt finished on ``slot`` (a failure includes a timeout; ``oom``: it ran out of GPU
-        memory, and its retry needs more VRAM than the slot's pool has, where a pool has it)."""
+        memory, and its retry needs more VRAM than the slot's pool has, where a pool has it).
+        ``seconds``: what a successful attempt took its renderer (sizes the job's batches)."""
         job = self._jobs[job_id]
         s = self._slots.get(slot)
         task = s.in_flight.pop((job_id, task_id), None) if s else None
@@ -417,6 +480,8 @@ class Scheduler:
         attempt = job.attempts[task_id]
         if succeeded:
             job.succeeded += 1
+            if seconds > 0:  # weighs the last ~10 attempts: a job's clips are alike, a renderer's speed may drift
+                job.task_s = seconds if job.task_s <= 0 else 0.9 * job.task_s + 0.1 * seconds
             self._release_children(task_id)
             return Decision(job_id, task_id, Outcome.DONE, "succeeded")
         if job.cancelled:

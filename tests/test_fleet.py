@@ -138,7 +138,7 @@ def test_an_idle_renderer_of_another_model_makes_room_only_when_its_model_has_no
     # Idle, but wan still has queued work (it is only waiting for a slot of its own).
     assert fleet.scale([demand(LTX, 4), demand(WAN, 1)], MODELS) == []
     # Busy: never stopped.
-    fleet.sent("ref-1", dispatch("j", "t1", wan_slot))
+    fleet.sent("ref-1", (dispatch("j", "t1", wan_slot),))
     assert fleet.scale([demand(LTX, 4)], MODELS) == []
     fleet.collected("ref-1")
     # Idle and its model has no work: retired first, then the new one starts in its slot.
@@ -155,11 +155,11 @@ def test_a_lost_renderer_is_forgotten_with_its_work_and_replaced():
     fleet.watch_start("info-ref", slot)
     assert fleet.started_slot("info-ref") == slot and fleet.started_slot("info-ref") is None
     ready(fleet, slot)
-    fleet.sent("r1", dispatch("j", "t1", slot))
-    fleet.sent("r2", dispatch("j", "t2", slot))
+    fleet.sent("r1", (dispatch("j", "t1", slot),))
+    fleet.sent("r2", (dispatch("j", "t2", slot),))
     assert fleet.waiting() == ["r1", "r2"] and fleet.scale([demand(WAN, 3)], MODELS) == []  # pool full
     lost = fleet.remove(slot)
-    assert [d.task.task_id for _, d in lost.queue] == ["t1", "t2"]  # t1 was running: the head
+    assert [d.task.task_id for _, batch in lost.queue for d in batch] == ["t1", "t2"]  # t1 was running: the head
     assert fleet.waiting() == [] and fleet.remove(slot) is None
     (replacement,) = fleet.scale([demand(WAN, 3)], MODELS)
     assert replacement.pool == "l4" and replacement.slot != slot
@@ -192,7 +192,7 @@ def test_a_loaded_renderer_is_ready_with_what_it_reported():
     r = fleet.renderers[slot]
     assert (r.node_id, r.pid, r.loads, r.load_s) == ("n7", 4242, 1, 1.5) and fleet.ready_count(WAN.identity) == 1
     assert fleet.states("l4") == {"busy": 0, "idle": 1, "loading": 0} and fleet.busy_pools() == set()
-    fleet.sent("r1", dispatch("j", "t1", slot))
+    fleet.sent("r1", (dispatch("j", "t1", slot),))
     assert fleet.states("l4") == {"busy": 1, "idle": 0, "loading": 0} and fleet.running_by_pool() == {"l4": 1}
     assert fleet.pools()[0]["renderers"][0]["busy"] == ["j/t1"]
 
@@ -202,7 +202,7 @@ def test_scale_down_releases_only_whole_idle_nodes():
     slots = carry_out(fleet, [StartRenderer(f"l4-{i}", "l4", WAN, "") for i in range(4)])
     for slot, node in zip(slots, ["n1", "n1", "n2", "n2"], strict=True):
         ready(fleet, slot, node)
-    fleet.sent("r1", dispatch("j", "t1", "l4-3"))  # n2 is half busy: stopping its idle one frees nothing
+    fleet.sent("r1", (dispatch("j", "t1", "l4-3"),))  # n2 is half busy: stopping its idle one frees nothing
     assert {d.slot for d in fleet.release_idle("l4", keep=0)} == {"l4-0", "l4-1"}
     assert {d.slot for d in fleet.release_idle("l4", keep=2)} == {"l4-0", "l4-1"}
     assert fleet.release_idle("l4", keep=3) == []  # releasing n1 would leave 2 < 3
@@ -214,14 +214,14 @@ def test_a_running_attempt_is_timed_from_when_it_became_the_head():
     (slot,) = carry_out(fleet, fleet.scale([demand(WAN, 2)], MODELS))
     ready(fleet, slot)
     first, second = dispatch("j", "t1", slot), dispatch("j", "t2", slot)
-    fleet.sent("r1", first)
-    fleet.sent("r2", second)
+    fleet.sent("r1", (first,))
+    fleet.sent("r2", (second,))
     clock.now = 8.0
     assert fleet.overdue({"j": 10.0}) == []
     clock.now = 11.0
     (late,) = fleet.overdue({"j": 10.0})
-    assert late == TimedOut(slot, "r1", first, f"timed out after 10s on renderer {slot}")
-    assert fleet.collected("r1") == (slot, first)  # the next in the queue starts its clock now
+    assert late == TimedOut(slot, "r1", (first,), f"timed out after 10s on renderer {slot}")
+    assert fleet.collected("r1") == (slot, (first,))  # the next in the queue starts its clock now
     clock.now = 20.0
     assert fleet.overdue({"j": 10.0}) == [] and fleet.heads()[0][1] == 9.0
     assert fleet.overdue({"other-job": 1.0}) == []  # a job the caller does not time
@@ -233,8 +233,22 @@ def test_results_collected_out_of_order_keep_the_head_running():
     fleet, _, clock = fleet_with((L4, 1))
     (slot,) = carry_out(fleet, fleet.scale([demand(WAN, 2)], MODELS))
     ready(fleet, slot)
-    fleet.sent("r1", dispatch("j", "t1", slot))
-    fleet.sent("r2", dispatch("j", "t2", slot))
+    fleet.sent("r1", (dispatch("j", "t1", slot),))
+    fleet.sent("r2", (dispatch("j", "t2", slot),))
     clock.now = 5.0
     fleet.collected("r2")
     assert [ref for ref, _ in fleet.renderers[slot].queue] == ["r1"] and fleet.heads()[0][1] == 5.0
+
+
+def test_a_batch_may_run_the_jobs_timeout_for_each_attempt_in_it():
+    fleet, _, clock = fleet_with((L4, 1))
+    (slot,) = carry_out(fleet, fleet.scale([demand(WAN, 3)], MODELS))
+    ready(fleet, slot)
+    batch = tuple(dispatch("j", f"t{i}", slot) for i in range(3))
+    fleet.sent("r1", batch)
+    assert fleet.running_by_pool() == {"l4": 3} and fleet.pools()[0]["renderers"][0]["busy"] == ["j/t0", "j/t1", "j/t2"]
+    clock.now = 29.0
+    assert fleet.overdue({"j": 10.0}) == []
+    clock.now = 31.0
+    assert fleet.overdue({"j": 10.0}) == [TimedOut(slot, "r1", batch, f"timed out after 10s on renderer {slot}")]
+    assert fleet.collected("r1") == (slot, batch) and fleet.waiting() == []

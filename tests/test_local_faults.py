@@ -25,6 +25,7 @@ from farm import api
 from farm.catalog import ATTEMPT_SCHEMA, Catalog
 from farm.embedded import LOCK_FILE, STATE_FILE, Membership, Role
 from farm.errors import CatalogError, ClusterError
+from farm.faults import Fault
 from farm.locks import FileLock, filesystem_type, mounted_type, parse_mountinfo
 from farm.storage import LocalSink
 from farm.task import AttemptStatus
@@ -458,3 +459,38 @@ def test_the_newest_valid_success_counts_and_an_invalidated_one_never_does():
     invalidate_old = {**invalidate_new, "invalidates": success_key(old)}
     assert valid_successes([old, new, invalidate_new, invalidate_old], "/o") == {}
     assert valid_successes([old], "/elsewhere") == {}
+
+
+@pytest.mark.ray
+def test_a_renderer_dying_mid_batch_has_its_finished_clips_adopted_not_rendered_again(
+    ray_local, farm_home, write_manifest, faults, tmp_path
+):
+    # 50 ms clips go to renderers in batches once measured (farm/scheduler.py): 4 single calls,
+    # then batches of 5 (an even share of the 20 left over 2 renderers × 2 calls): clips 5-9 and
+    # 10-14. Clip 14 kills its renderer: 10-13 are committed but never reported back.
+    trace, once = tmp_path / "renders.log", tmp_path / "killed-once"
+    faults(
+        Fault("clip", action="slow", hang_s=0.0, trace=str(trace)),
+        Fault("clip 14 of", action="exit", once=str(once)),
+    )
+    text = manifest_text("batch").replace("render:", "model: 'fake:sleep-50ms'\nrender:")
+    manifest = write_manifest(text.replace("n: [1, 2, 3, 4]", f"n: {list(range(1, 25))}"))
+    outcome = api.submit(manifest, workers=2)
+    assert (outcome.run.succeeded, outcome.run.failed) == (24, 0)
+    renders = Counter(line.split("\t")[0] for line in trace.read_text().splitlines())
+    # Every clip rendered once; the one that killed its renderer twice (killed, then alone).
+    assert len(renders) == 24 and renders.pop("clip 14 of batch") == 2 and set(renders.values()) == {1}
+    catalog = Catalog(farm_home / "catalog")
+    rows = catalog.attempts(outcome.job_id).to_pylist()
+    ok = {r["prompt"]: r for r in rows if r["status"] == "succeeded"}
+    assert len(ok) == len(catalog.job(outcome.job_id).task_ids) == 24
+    # Whatever the dead renderer rendered (reported, or committed and never reported: adopted from
+    # its commit markers) is catalogued as its own attempt; the clip it died on was rendered again
+    # by the other renderer.
+    traced = [line.split("\t") for line in trace.read_text().splitlines()]
+    dead = next(pid for prompt, _, pid in traced if prompt == "clip 14 of batch")
+    by_dead = [prompt for prompt, _, pid in traced if pid == dead and prompt != "clip 14 of batch"]
+    assert by_dead and len({ok[p]["actor_id"] for p in by_dead}) == 1
+    assert ok["clip 14 of batch"]["actor_id"] != ok[by_dead[0]]["actor_id"]
+    interrupted = [r["prompt"] for r in rows if r["status"] == "interrupted"]
+    assert "clip 14 of batch" in interrupted and not set(interrupted) & set(by_dead), interrupted

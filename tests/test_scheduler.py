@@ -296,3 +296,77 @@ def test_waiting_tasks_are_not_backlog_the_pools_are_sized_for() -> None:
     s = scheduler_with({"a": CPU})
     s.add_job("j", chain(50))
     assert sum(s.backlog_by_needs().values()) == 1  # one task of a chain can run at a time
+
+
+def measured(s: Scheduler, job_id: str, seconds: float) -> None:
+    """Render what goes out before anything is measured (one task a call), each attempt taking
+    ``seconds``: the job's tasks are measured from now on, nothing is in flight."""
+    for batch in s.next_batches():
+        assert len(batch) == 1
+        for d in batch:
+            s.record(d.slot, job_id, d.task.task_id, True, seconds=seconds)
+
+
+def test_short_tasks_go_in_batches_of_about_the_target_once_measured() -> None:
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=2, batch_target_s=0.5, max_batch=32)
+    s.add_job("j", make_tasks(400))
+    measured(s, "j", 0.05)  # 4 single calls, two a slot
+    batches = s.next_batches()  # 0.5 s of 50 ms tasks is 10; two batches a slot
+    assert [(b[0].slot, len(b)) for b in batches] == [("a", 10), ("b", 10), ("a", 10), ("b", 10)]
+    assert all(len({(d.slot, d.job_id) for d in b}) == 1 for b in batches)
+    assert s.next_batches() == []
+    for d in batches[1]:
+        s.record(d.slot, "j", d.task.task_id, True, seconds=0.05)
+    assert [(b[0].slot, len(b)) for b in s.next_batches()] == [("b", 10)]
+
+
+def test_batches_are_capped_and_shrink_to_an_even_share_of_the_tail() -> None:
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=2, batch_target_s=0.5, max_batch=4)
+    s.add_job("j", make_tasks(100))
+    measured(s, "j", 0.001)  # 0.5 s would be 500 tasks: capped at 4
+    first = s.next_batches()
+    assert [len(b) for b in first] == [4, 4, 4, 4]
+    for d in (d for b in first for d in b):
+        s.record(d.slot, "j", d.task.task_id, True)
+    log = run_to_end(s)
+    assert len({d.task.task_id for d in log}) == len(log) == 80
+    s2 = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=2, batch_target_s=0.5, max_batch=32)
+    s2.add_job("j", make_tasks(10))
+    measured(s2, "j", 0.01)  # 50 a batch by time; 6 left over 4 places: at most 2
+    assert [len(b) for b in s2.next_batches()] == [2, 2, 2]
+
+
+def test_a_parent_goes_alone_so_its_children_are_released_at_once() -> None:
+    s = scheduler_with({"a": CPU}, in_flight_per_slot=2, batch_target_s=0.5)
+    s.add_job("j", make_tasks(6) + chain(3))
+    measured(s, "j", 0.01)  # t000 and t001
+    # 50 tasks by time, an even share of 5 ready over 2 places is 3; the parent s0 goes alone,
+    # once the slot has fewer tasks in flight than its bound for single calls.
+    assert [[d.task.task_id for d in b] for b in s.next_batches()] == [["t002", "t003", "t004"], ["t005"]]
+    s.record("a", "j", "t002", True)
+    assert s.next_batches() == []
+    for t in ("t003", "t004"):
+        s.record("a", "j", t, True)
+    assert [[d.task.task_id for d in b] for b in s.next_batches()] == [["s0"]]
+
+
+def test_a_batch_whose_renderer_died_is_requeued_uncounted_and_its_tasks_go_alone() -> None:
+    s = scheduler_with({"a": CPU, "b": CPU}, in_flight_per_slot=1, batch_target_s=0.5)
+    s.add_job("j", make_tasks(30), limits=JobLimits(max_interruptions=1))
+    measured(s, "j", 0.05)
+    s.next_batches()
+    batch = [task_id for _, task_id in s.slot_load("a")]
+    assert len(batch) == 10
+    decisions = s.remove_slot("a", "renderer died", running=None, solo=batch)
+    # One counted interruption would have failed them (max_interruptions=1).
+    assert [d.outcome for d in decisions] == [Outcome.REQUEUED] * 10
+    for _, task_id in s.slot_load("b"):
+        s.record("b", "j", task_id, True, seconds=0.05)
+    calls = []
+    while not s.idle:  # each of them alone, however short; the others batched again
+        for call in s.next_batches():
+            calls.append([d.task.task_id for d in call])
+            for d in call:
+                s.record("b", "j", d.task.task_id, True, seconds=0.05)
+    assert sorted(c[0] for c in calls if set(c) & set(batch)) == sorted(batch)
+    assert all(len(c) == 1 for c in calls if set(c) & set(batch)) and [len(c) for c in calls][-1] == 8
