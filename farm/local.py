@@ -18,6 +18,7 @@ from farm.config import EMBEDDED_JOIN_WAIT_S, EMBEDDED_POLL_S
 from farm.controller import JobProgress, get_or_start_controller
 from farm.embedded import FarmInfo, Host, Membership, OwnerGone, Role, is_final
 from farm.errors import FarmError
+from farm.interrupts import raise_if_interrupted
 from farm.records import JobRecord
 from farm.task import JobEvent, JobState, StorageKind, Task
 
@@ -52,6 +53,7 @@ def follow(
         if on_progress:
             on_progress(progress)
         time.sleep(poll_s)
+        raise_if_interrupted()
         job_id = progress.job_id
         progress = call(controller.progress.remote(job_id)) or progress_from_catalog(controller, job_id)
     if on_progress:
@@ -119,6 +121,7 @@ class ControllerCalls:
                 if on_progress:
                     on_progress(progress)
                 time.sleep(EMBEDDED_POLL_S)
+                raise_if_interrupted()
             progress = self.submit(job_id)
         return progress
 
@@ -292,6 +295,7 @@ def _linger(membership: Membership, host: Host, calls: ControllerCalls, own: str
             notice(f"job {own} ended; keeping the embedded farm up for the jobs other farm submits handed to it")
             told = True
         time.sleep(EMBEDDED_POLL_S)
+        raise_if_interrupted()
     host.stop()
 
 
@@ -316,6 +320,7 @@ def _follow_handed(
             if not membership.owner_alive():
                 raise OwnerGone
             time.sleep(EMBEDDED_POLL_S)
+            raise_if_interrupted()
     except KeyboardInterrupt:  # stop this job, not the farm: the owner cancels it
         membership.request_cancel(record.job_id)
         raise

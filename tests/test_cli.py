@@ -216,3 +216,39 @@ def test_interrupted_job_resumes_without_rendering_any_task_twice(farm_home, wri
         assert state["state"] == "stopped" and state["pid"] == resumed.pid
         killed = [j for j in json.loads(farm("jobs", "--format", "json").stdout) if j["job_id"] != summary["job_id"]]
         assert [j["state"] for j in killed] == ["interrupted"]
+
+
+def test_a_ctrl_c_that_ray_swallows_still_stops_following_the_job(monkeypatch):
+    """Ray's C++ wait turns a KeyboardInterrupt into a status that some of its paths drop: the
+    command's handler remembers the signal, and the follow loop raises it between polls."""
+    from types import SimpleNamespace
+
+    from farm import interrupts, local
+    from farm.jobs import JobProgress
+    from farm.task import JobState
+
+    running = JobProgress("j", 10, 1, 0, 2, 7, 0, JobState.RUNNING, 1.0, 9.0, 2)
+    finished = JobProgress("j", 10, 10, 0, 0, 0, 0, JobState.FINISHED, 2.0, 0.0, 2)
+    polls = []
+
+    def swallowing_call(progress, timeout=None):  # a poll during which Ctrl-C comes and is dropped
+        polls.append(progress)
+        if len(polls) == 2:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return finished if len(polls) >= 5 else progress  # followed to its end: the Ctrl-C was lost
+
+    monkeypatch.setattr(local, "call", swallowing_call)
+    controller = SimpleNamespace(progress=SimpleNamespace(remote=lambda job_id: running))
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            local.follow(controller, running, poll_s=0.01)
+        assert len(polls) == 2  # the next turn, not the job's end (it never ends here)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupts.install()  # clears the remembered signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -24,6 +24,7 @@ import typer
 from farm.cli import planning, submit, cluster, jobs, results, verify  # noqa: F401
 
 # isort: on
+from farm import interrupts
 from farm.cli.catalog import catalog_app
 from farm.cli.cluster import cluster_app
 from farm.cli.common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, app, err, stdout
@@ -58,6 +59,7 @@ def main() -> None:
 
 def _run() -> None:
     _warnings_as_lines()
+    interrupts.install()
     try:
         check_environment()  # a bad FARM_* value is one line here, not a surprise mid-job
         # Without standalone mode click hands back typer.Exit's code instead of exiting.
