@@ -122,6 +122,9 @@ FINISHED_JOBS_KEPT = 1000
 # fsynced: 256 rows a file cost the controller 16 µs a row, 32 cost 80.
 CATALOG_BATCH_ROWS = int(_env_number("FARM_CATALOG_BATCH_ROWS", 256, minimum=1, integer=True))
 CATALOG_BATCH_SECONDS = _env_number("FARM_CATALOG_BATCH_SECONDS", 5.0)
+# How often a submit following its job asks the controller for progress: each ask is a Ray call
+# the controller answers (~1 ms of its CPU); twice a second keeps a progress bar live.
+FOLLOW_POLL_S = 0.5
 # CPUs each renderer reserves when there is no GPU; torch uses as many threads.
 CPUS_PER_CPU_RENDERER = 1
 # Seconds to wait for a Ray head's port before calling it unreachable.

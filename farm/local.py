@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm.catalog import Catalog, RunSummary
-from farm.config import EMBEDDED_JOIN_WAIT_S, EMBEDDED_POLL_S
+from farm.config import EMBEDDED_JOIN_WAIT_S, EMBEDDED_POLL_S, FOLLOW_POLL_S
 from farm.controller import JobProgress, get_or_start_controller
 from farm.embedded import FarmInfo, Host, Membership, OwnerGone, Role, is_final
 from farm.errors import FarmError
@@ -23,7 +23,6 @@ from farm.records import JobRecord
 from farm.task import JobEvent, JobState, StorageKind, Task
 
 Notice = Callable[[str], None]
-_POLL_S = 0.25
 # A job whose tasks were left to another running job is admitted again when that job ends; this
 # bounds how often (each time, something else took its tasks again).
 MAX_READMISSIONS = 20
@@ -46,7 +45,7 @@ def follow(
     controller: Any,
     progress: JobProgress,
     on_progress: Callable[[JobProgress], None] | None = None,
-    poll_s: float = _POLL_S,
+    poll_s: float = FOLLOW_POLL_S,
 ) -> JobProgress:
     """Poll a job's progress until it ends."""
     while progress.state in ("running", "cancelling"):

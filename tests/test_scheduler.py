@@ -370,3 +370,18 @@ def test_a_batch_whose_renderer_died_is_requeued_uncounted_and_its_tasks_go_alon
                 s.record("b", "j", d.task.task_id, True, seconds=0.05)
     assert sorted(c[0] for c in calls if set(c) & set(batch)) == sorted(batch)
     assert all(len(c) == 1 for c in calls if set(c) & set(batch)) and [len(c) for c in calls][-1] == 8
+
+
+def test_a_renderer_with_a_whole_batch_queued_waits_for_room_for_another_whole_batch() -> None:
+    # Results of one batch come back one task at a time: sending what each frees would split the
+    # renderer's calls into ever smaller batches (a Ray call each).
+    s = scheduler_with({"a": CPU}, in_flight_per_slot=2, batch_target_s=0.5)
+    s.add_job("j", make_tasks(100))
+    measured(s, "j", 0.05)
+    first, second = s.next_batches()
+    assert (len(first), len(second)) == (10, 10)
+    s.record("a", "j", first[0].task.task_id, True, seconds=0.05)
+    assert s.next_batches() == []  # 19 in flight: a whole batch still waits there
+    for d in first[1:]:
+        s.record("a", "j", d.task.task_id, True, seconds=0.05)
+    assert [len(b) for b in s.next_batches()] == [10]
