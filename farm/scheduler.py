@@ -210,6 +210,26 @@ class _Job:
             queue.append(task)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How many of a job's tasks one call to a renderer carries (see the module's policy)."""
+
+    target_s: float = BATCH_TARGET_S  # about this much measured work a call
+    max_batch: int = MAX_BATCH
+    in_flight_per_slot: int = IN_FLIGHT_PER_RENDERER
+
+    def share(self, ready: int, slots: int) -> int:
+        """The most tasks one batch may hold now: an even share of the ``ready`` tasks over every
+        slot's in-flight places, so no renderer is left holding the tail while others are idle."""
+        return max(1, math.ceil(ready / max(1, slots * self.in_flight_per_slot)))
+
+    def size(self, task_s: float, share: int) -> int:
+        """Tasks of a job whose attempts take ``task_s`` (0: not measured yet) one batch holds."""
+        if task_s <= 0:
+            return 1
+        return max(1, min(self.max_batch, share, int(self.target_s / task_s)))
+
+
 @dataclass
 class _Slot:
     pool: str
@@ -229,7 +249,7 @@ class Scheduler:
         if in_flight_per_slot < 1 or max_batch < 1:
             raise ValueError("in_flight_per_slot and max_batch must be at least 1")
         self.in_flight_per_slot = in_flight_per_slot
-        self.batch_target_s, self.max_batch = batch_target_s, max_batch
+        self.batching = Batching(batch_target_s, max_batch, in_flight_per_slot)
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.pools: dict[str, Pool] = {}
@@ -351,7 +371,8 @@ class Scheduler:
         self._release_due()
         self._fail_jobs_with_only_banned_slots()
         out: list[list[Dispatch]] = []
-        share = self._even_share()
+        ready = sum(j.ready_count() for j in self._jobs.values() if not j.cancelled)
+        share = self.batching.share(ready, len(self._slots))
         free = list(self._slots)
         while free:
             free.sort(
@@ -370,19 +391,6 @@ class Scheduler:
             free = took  # a slot given nothing this round gets nothing the next (queues only shrink meanwhile)
         return out
 
-    def _even_share(self) -> int:
-        """The most tasks one batch may hold now: an even share of the ready tasks over every
-        slot's in-flight places, so no renderer is left holding the tail while others are idle."""
-        places = max(1, len(self._slots) * self.in_flight_per_slot)
-        ready = sum(j.ready_count() for j in self._jobs.values() if not j.cancelled)
-        return max(1, math.ceil(ready / places))
-
-    def batch_size(self, job: _Job, share: int) -> int:
-        """Tasks of ``job`` one batch holds: about ``batch_target_s`` of its measured work."""
-        if job.task_s <= 0:
-            return 1
-        return max(1, min(self.max_batch, share, int(self.batch_target_s / job.task_s)))
-
     def _take(self, slot_name: str, share: int) -> list[Dispatch]:
         slot = self._slots[slot_name]
         pool = self.pools[slot.pool]
@@ -398,7 +406,7 @@ class Scheduler:
             return []
         job = min(candidates, key=lambda j: (-j.priority, j.in_flight, j.seq))
         queue = next(q for needs, q in job.ready.items() if q and pool.fits(needs))
-        size = 1 if job.alone(queue[0].task_id) else self.batch_size(job, share)
+        size = 1 if job.alone(queue[0].task_id) else self.batching.size(job.task_s, share)
         room = self.in_flight_per_slot * size - len(slot.in_flight)
         if room < size and len(slot.in_flight) >= size:  # a whole batch waits there: wait for room for another
             return []
@@ -415,7 +423,7 @@ class Scheduler:
 
     def _fail_jobs_with_only_banned_slots(self) -> None:
         for job in self._jobs.values():
-            if job.cancelled or not job.banned_slots or not job.queued():
+            if job.cancelled or not job.banned_slots or not job.queued() or job.in_flight:
                 continue
             fitting = [
                 n
@@ -423,24 +431,10 @@ class Scheduler:
                 if any(self.pools[s.pool].fits(nd) for nd in job.ready)
                 and (not s.model or not job.model or s.model == job.model)
             ]
-            if fitting and all(n in job.banned_slots for n in fitting) and job.in_flight == 0:
-                for queue in job.ready.values():
-                    for task in queue:
-                        job.failed += 1
-                        last = job.last_error.get(task.task_id) or next(iter(job.last_error.values()), "")
-                        self.decisions.append(
-                            Decision(
-                                job.job_id,
-                                task.task_id,
-                                Outcome.FAILED,
-                                f"every renderer that fits was taken out of this job after repeated failures; "
-                                f"last: {last}",
-                                task=task,
-                                attempt=job.attempts[task.task_id],
-                            )
-                        )
-                        self._block_descendants(task.task_id)
-                job.ready.clear()
+            if fitting and all(n in job.banned_slots for n in fitting):
+                for decision in _give_up_queued(job):
+                    self.decisions.append(decision)
+                    self._block_descendants(decision.task_id)
 
     def drain_decisions(self) -> list[Decision]:
         """Decisions the scheduler took on its own (not in answer to an event)."""
@@ -492,7 +486,7 @@ class Scheduler:
             job.banned_slots.add(slot)
         if attempt < job.limits.max_attempts:
             if oom and s is not None:
-                task = self._with_more_vram(task, s.pool)
+                task = _with_more_vram(task, self.pools.get(s.pool), self.pools.values())
             delay = self.backoff.delay(attempt)
             due = self.clock() + delay
             heapq.heappush(job.delayed, (due, next(self._tiebreak), task))
@@ -507,15 +501,6 @@ class Scheduler:
 
     def _block_descendants(self, task_id: str) -> None:
         self.decisions.extend(_block_descendants(self._jobs.values(), task_id))
-
-    def _with_more_vram(self, task: Task, pool_name: str) -> Task:
-        """``task`` needing more VRAM than ``pool_name`` has, when a known pool offers that; else
-        unchanged (it is retried where it was: the out-of-memory error may not come back)."""
-        pool = self.pools.get(pool_name)
-        if pool is None or pool.vram_gb is None:
-            return task
-        more = replace(task.needs, min_vram_gb=math.nextafter(pool.vram_gb, math.inf))
-        return replace(task, needs=more) if self.routes(more) else task
 
     # --- state
     def progress(self, job_id: str) -> Progress:
@@ -545,23 +530,52 @@ class Scheduler:
     def backlog_by_needs(self, in_flight: bool = True) -> Counter[Requirements]:
         """Tasks queued (also waiting out a retry backoff) and, with ``in_flight``, running, by what
         they need: the work the pools should be sized for."""
-        backlog: Counter[Requirements] = Counter()
-        for job in self._jobs.values():
-            if job.cancelled:
-                continue
-            for needs, queue in job.ready.items():
-                backlog[needs] += len(queue)
-            for _, _, task in job.delayed:
-                backlog[task.needs] += 1
-        for slot in self._slots.values() if in_flight else ():
-            for (job_id, _), task in slot.in_flight.items():
-                if not self._jobs[job_id].cancelled:
-                    backlog[task.needs] += 1
-        return +backlog
+        return _backlog(self._jobs, self._slots.values() if in_flight else ())
 
     @property
     def idle(self) -> bool:
         return all(self.progress(j).finished for j in self._jobs)
+
+
+def _with_more_vram(task: Task, pool: Pool | None, pools: Iterable[Pool]) -> Task:
+    """``task`` needing more VRAM than ``pool`` has, when one of ``pools`` offers that; else
+    unchanged (it is retried where it was: the out-of-memory error may not come back)."""
+    if pool is None or pool.vram_gb is None:
+        return task
+    more = replace(task.needs, min_vram_gb=math.nextafter(pool.vram_gb, math.inf))
+    return replace(task, needs=more) if fitting_pools(pools, more) else task
+
+
+def _backlog(jobs: dict[str, _Job], slots: Iterable[_Slot]) -> Counter[Requirements]:
+    """Tasks queued (also waiting out a retry backoff) and running on ``slots``, by what they
+    need, of the jobs not cancelled."""
+    backlog: Counter[Requirements] = Counter()
+    for job in jobs.values():
+        if job.cancelled:
+            continue
+        for needs, queue in job.ready.items():
+            backlog[needs] += len(queue)
+        for _, _, task in job.delayed:
+            backlog[task.needs] += 1
+    for slot in slots:
+        for (job_id, _), task in slot.in_flight.items():
+            if not jobs[job_id].cancelled:
+                backlog[task.needs] += 1
+    return +backlog
+
+
+def _give_up_queued(job: _Job) -> list[Decision]:
+    """Every renderer that fits ``job`` was taken out of it: its queued tasks fail."""
+    out = []
+    for task in (task for queue in job.ready.values() for task in queue):
+        job.failed += 1
+        last = job.last_error.get(task.task_id) or next(iter(job.last_error.values()), "")
+        why = f"every renderer that fits was taken out of this job after repeated failures; last: {last}"
+        out.append(
+            Decision(job.job_id, task.task_id, Outcome.FAILED, why, task=task, attempt=job.attempts[task.task_id])
+        )
+    job.ready.clear()
+    return out
 
 
 def _release_children(jobs: Iterable[_Job], task_id: str) -> None:
