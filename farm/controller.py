@@ -456,11 +456,13 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
             # Still on the renderer's queue: _renderer_lost sees what it had committed and was running.
             self._renderer_lost(slot, _first_line(exc, "renderer died"))
             return
-        except RayTaskError as exc:
+        except RayTaskError as exc:  # the call broke, not a task (those come back as results)
             error = str(exc).strip().splitlines()[-1][:2000]
-            got = [
-                attempt_result(d.task.task_id, d.attempt, AttemptStatus.FAILED, error, FailureKind.OTHER) for d in batch
-            ]
+            self.fleet.collected(ref)
+            for d in self._adopt_committed(slot, [batch]):  # a batch commits each clip as it finishes
+                failed = attempt_result(d.task.task_id, d.attempt, AttemptStatus.FAILED, error, FailureKind.OTHER)
+                self._record_result(slot, d, failed)
+            return
         self.fleet.collected(ref)
         for d, result in zip(batch, got if isinstance(got, list) else [got], strict=True):
             self._record_result(slot, d, result)
