@@ -116,7 +116,166 @@ def pickle_plainly(*classes: type) -> None:
         register_serializer(cls, serializer=pickle.dumps, deserializer=pickle.loads)
 
 
-class Controller(CatalogQueries):  # size: its remote API (one short method a call) and the loop around the pure cores
+class RendererCalls:
+    """The controller's calls to its renderers and what comes back: fleet and scheduler decisions
+    carried out against Ray, attempts sent (one or a batch a call), results collected and written,
+    renderers lost, retired or timed out (their committed clips adopted). One role of the
+    controller, kept apart from its remote API and its loop."""
+
+    scheduler: Scheduler
+    fleet: Fleet
+    book: JobBook
+    metrics: ControllerMetrics
+    autoscaling: Autoscaling
+    errors: deque[str]
+    _touched: set[str]
+    _fleet_changed: bool
+
+    def _carry_out(self, decisions: Iterable[FleetDecision]) -> None:
+        """Carry out the fleet's decisions against Ray, the scheduler and the job book."""
+        for d in decisions:
+            self._fleet_changed = True
+            if isinstance(d, StartRenderer):
+                log.info("start renderer %s (%s): %s", d.slot, d.model.spec, d.reason)
+                handle = self.fleet.start(d)
+                self.fleet.watch_start(handle.info.remote(), d.slot)  # resolves once the model is loaded
+            elif isinstance(d, RetireRenderer):
+                log.info("retire renderer %s: %s", d.slot, d.reason)
+                self._retire(d.slot, d.reason)
+            elif isinstance(d, RendererReady):
+                self.metrics.record_model_load(d.pool, d.model.spec)
+                self.scheduler.add_slot(d.slot, d.pool, d.model.identity)
+            elif isinstance(d, FailModelJobs):
+                self.errors.append(f"{d.model.spec}: {d.reason}")
+                self.book.fail_model(d.model, d.reason)
+            elif isinstance(d, TimedOut):
+                self._timed_out(d)
+
+    def _timed_out(self, d: TimedOut) -> None:
+        """The attempt it was stuck in counts as failed (retried with backoff); the renderer is replaced."""
+        self._retire(d.slot, "stopped after a timeout", d)
+
+    def _renderer_started(self, slot: str, ref) -> None:
+        import ray
+
+        try:
+            info = ray.get(ref)
+        except Exception as exc:  # died while loading (node lost, OOM)
+            self.errors.append(f"renderer {slot} did not start: {_first_line(exc, repr(exc))}")
+            self._renderer_lost(slot, "did not start")
+            return
+        self._carry_out(self.fleet.loaded(slot, info))
+
+    def _renderer_lost(self, slot: str, reason: str, timed_out: TimedOut | None = None) -> RendererRecord | None:
+        """A renderer died or is being stopped: the clips it committed but never reported are
+        adopted; the rest of what it had queued goes back to the scheduler (the head batch was
+        running, the others only waited). ``timed_out``: it is stopped for running too long."""
+        renderer = self.fleet.remove(slot)
+        self._fleet_changed = True  # a replacement may be due
+        batches = [batch for _, batch in renderer.queue] if renderer else []
+        left = self._adopt_committed(slot, batches)
+        head = [d for d in batches[0] if d in left] if batches else []
+        if timed_out is not None and head and renderer is not None:
+            stuck, head = head[0], head[1:]  # a batch renders in order: the first not committed
+            decision = self.scheduler.record(slot, stuck.job_id, stuck.task.task_id, False, timed_out.reason)
+            result = attempt_result(
+                stuck.task.task_id, stuck.attempt, AttemptStatus.FAILED, timed_out.reason, FailureKind.TIMEOUT
+            )
+            self._apply(decision, stuck, replace(result, node_id=renderer.node_id))
+        # One task alone is known to have been running; of a batch any may have killed it.
+        single = len(batches[0]) == 1 if batches else False
+        running = head[0].task.task_id if single and head and timed_out is None else None
+        solo = [] if single else [d.task.task_id for d in head]
+        dispatches = {(d.job_id, d.task.task_id): d for d in left}
+        for decision in self.scheduler.remove_slot(slot, reason, running, solo):
+            self._apply(decision, dispatches.get((decision.job_id, decision.task_id)), None)
+        return renderer
+
+    def _adopt_committed(self, slot: str, batches: list[Batch]) -> list[Dispatch]:
+        """Attempts of a renderer that went whose clips it committed before going (each clip of a
+        batch is committed as it finishes): done, read from their commit markers as a restarted
+        controller adopts them. Returns the other attempts, in order."""
+        left: list[Dispatch] = []
+        for batch in batches:
+            job = self.book.jobs.get(batch[0].job_id)
+            try:
+                sink = open_sink(job.target) if job else None
+                committed = [committed_result(sink, d.task) if sink else None for d in batch]
+            except Exception as exc:  # unreadable output: render them again rather than guess
+                self.errors.append(f"commit markers of {slot}'s clips unread: {_first_line(exc, repr(exc))}")
+                committed = [None] * len(batch)
+            for d, result in zip(batch, committed, strict=True):
+                if result is None:
+                    left.append(d)
+                    continue
+                # This attempt's own clip and timings: only the way its result came back differs.
+                decision = self.scheduler.record(slot, d.job_id, d.task.task_id, True)
+                self._apply(decision, d, result)
+        return left
+
+    def _retire(self, slot: str, reason: str, timed_out: TimedOut | None = None) -> None:
+        import ray
+
+        renderer = self._renderer_lost(slot, reason, timed_out)
+        if renderer is not None:
+            ray.kill(renderer.handle, no_restart=True)
+
+    # ------------------------------------------------------------------ attempts
+    def _send(self, batch: list[Dispatch]) -> None:
+        """One call to the slot's renderer: one attempt, or a batch of one job's short ones."""
+        renderer = self.fleet.renderers[batch[0].slot]
+        target = self.book.jobs[batch[0].job_id].target
+        if len(batch) == 1:
+            ref = renderer.handle.render.remote(batch[0].task, batch[0].attempt, target)
+        else:
+            ref = renderer.handle.render_batch.remote([(d.task, d.attempt) for d in batch], target)
+        self.fleet.sent(ref, tuple(batch))
+
+    def _collect(self, ref) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        slot, batch = self.fleet.in_flight[ref]
+        try:
+            got: Result | list[Result] = ray.get(ref)
+        except RayActorError as exc:
+            # Still on the renderer's queue: _renderer_lost sees what it had committed and was running.
+            self._renderer_lost(slot, _first_line(exc, "renderer died"))
+            return
+        except RayTaskError as exc:  # the call broke, not a task (those come back as results)
+            error = str(exc).strip().splitlines()[-1][:2000]
+            self.fleet.collected(ref)
+            for d in self._adopt_committed(slot, [batch]):  # a batch commits each clip as it finishes
+                failed = attempt_result(d.task.task_id, d.attempt, AttemptStatus.FAILED, error, FailureKind.OTHER)
+                self._record_result(slot, d, failed)
+            return
+        self.fleet.collected(ref)
+        for d, result in zip(batch, got if isinstance(got, list) else [got], strict=True):
+            self._record_result(slot, d, result)
+
+    def _record_result(self, slot: str, d: Dispatch, result: Result) -> None:
+        seconds = 0.0
+        if result.succeeded:  # measured clip time per pool: what deadline estimates are made of
+            t = result.timings
+            self.autoscaling.record_clip(pool_of(slot), t.generate_s + t.encode_s + t.write_s)
+            seconds = result.finished_at - result.started_at  # on its renderer: what batches are sized by
+        oom = result.error_kind is FailureKind.OOM  # retried on a pool with more VRAM (scheduler.py)
+        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error, oom, seconds)
+        self._apply(decision, d, result)
+
+    def _apply(self, decision: Decision, d: Dispatch | None, result: Result | None) -> None:
+        """Write an attempt the scheduler decided on to its job's catalog rows and the metrics."""
+        self._touched.add(decision.job_id)
+        written = self.book.record_attempt(decision, d, result)
+        if written is not None:
+            model, result = written
+            retry = decision.outcome is Outcome.RETRY
+            pool = pool_of(d.slot) if d else ""
+            kind = result.error_kind.value if result.error_kind else ""
+            self.metrics.record_attempt(decision.job_id, pool, model, result.status.value, kind, retry)
+
+
+class Controller(CatalogQueries, RendererCalls):
     """Made a detached named actor by ``get_or_start_controller``; a plain class for tests."""
 
     def __init__(self, catalog_location: str | None = None, metrics_address: str | None = None) -> None:
@@ -343,150 +502,6 @@ class Controller(CatalogQueries):  # size: its remote API (one short method a ca
         if bundles is not None:
             request_resources(bundles=bundles)  # replaces the previous request; [] withdraws it
             self.autoscaling.requested = bundles
-
-    # ------------------------------------------------------------------ renderers
-    def _carry_out(self, decisions: Iterable[FleetDecision]) -> None:
-        """Carry out the fleet's decisions against Ray, the scheduler and the job book."""
-        for d in decisions:
-            self._fleet_changed = True
-            if isinstance(d, StartRenderer):
-                log.info("start renderer %s (%s): %s", d.slot, d.model.spec, d.reason)
-                handle = self.fleet.start(d)
-                self.fleet.watch_start(handle.info.remote(), d.slot)  # resolves once the model is loaded
-            elif isinstance(d, RetireRenderer):
-                log.info("retire renderer %s: %s", d.slot, d.reason)
-                self._retire(d.slot, d.reason)
-            elif isinstance(d, RendererReady):
-                self.metrics.record_model_load(d.pool, d.model.spec)
-                self.scheduler.add_slot(d.slot, d.pool, d.model.identity)
-            elif isinstance(d, FailModelJobs):
-                self.errors.append(f"{d.model.spec}: {d.reason}")
-                self.book.fail_model(d.model, d.reason)
-            elif isinstance(d, TimedOut):
-                self._timed_out(d)
-
-    def _timed_out(self, d: TimedOut) -> None:
-        """The attempt it was stuck in counts as failed (retried with backoff); the renderer is replaced."""
-        self._retire(d.slot, "stopped after a timeout", d)
-
-    def _renderer_started(self, slot: str, ref) -> None:
-        import ray
-
-        try:
-            info = ray.get(ref)
-        except Exception as exc:  # died while loading (node lost, OOM)
-            self.errors.append(f"renderer {slot} did not start: {_first_line(exc, repr(exc))}")
-            self._renderer_lost(slot, "did not start")
-            return
-        self._carry_out(self.fleet.loaded(slot, info))
-
-    def _renderer_lost(self, slot: str, reason: str, timed_out: TimedOut | None = None) -> RendererRecord | None:
-        """A renderer died or is being stopped: the clips it committed but never reported are
-        adopted; the rest of what it had queued goes back to the scheduler (the head batch was
-        running, the others only waited). ``timed_out``: it is stopped for running too long."""
-        renderer = self.fleet.remove(slot)
-        self._fleet_changed = True  # a replacement may be due
-        batches = [batch for _, batch in renderer.queue] if renderer else []
-        left = self._adopt_committed(slot, batches)
-        head = [d for d in batches[0] if d in left] if batches else []
-        if timed_out is not None and head and renderer is not None:
-            stuck, head = head[0], head[1:]  # a batch renders in order: the first not committed
-            decision = self.scheduler.record(slot, stuck.job_id, stuck.task.task_id, False, timed_out.reason)
-            result = attempt_result(
-                stuck.task.task_id, stuck.attempt, AttemptStatus.FAILED, timed_out.reason, FailureKind.TIMEOUT
-            )
-            self._apply(decision, stuck, replace(result, node_id=renderer.node_id))
-        # One task alone is known to have been running; of a batch any may have killed it.
-        single = len(batches[0]) == 1 if batches else False
-        running = head[0].task.task_id if single and head and timed_out is None else None
-        solo = [] if single else [d.task.task_id for d in head]
-        dispatches = {(d.job_id, d.task.task_id): d for d in left}
-        for decision in self.scheduler.remove_slot(slot, reason, running, solo):
-            self._apply(decision, dispatches.get((decision.job_id, decision.task_id)), None)
-        return renderer
-
-    def _adopt_committed(self, slot: str, batches: list[Batch]) -> list[Dispatch]:
-        """Attempts of a renderer that went whose clips it committed before going (each clip of a
-        batch is committed as it finishes): done, read from their commit markers as a restarted
-        controller adopts them. Returns the other attempts, in order."""
-        left: list[Dispatch] = []
-        for batch in batches:
-            job = self.book.jobs.get(batch[0].job_id)
-            try:
-                sink = open_sink(job.target) if job else None
-                committed = [committed_result(sink, d.task) if sink else None for d in batch]
-            except Exception as exc:  # unreadable output: render them again rather than guess
-                self.errors.append(f"commit markers of {slot}'s clips unread: {_first_line(exc, repr(exc))}")
-                committed = [None] * len(batch)
-            for d, result in zip(batch, committed, strict=True):
-                if result is None:
-                    left.append(d)
-                    continue
-                # This attempt's own clip and timings: only the way its result came back differs.
-                decision = self.scheduler.record(slot, d.job_id, d.task.task_id, True)
-                self._apply(decision, d, result)
-        return left
-
-    def _retire(self, slot: str, reason: str, timed_out: TimedOut | None = None) -> None:
-        import ray
-
-        renderer = self._renderer_lost(slot, reason, timed_out)
-        if renderer is not None:
-            ray.kill(renderer.handle, no_restart=True)
-
-    # ------------------------------------------------------------------ attempts
-    def _send(self, batch: list[Dispatch]) -> None:
-        """One call to the slot's renderer: one attempt, or a batch of one job's short ones."""
-        renderer = self.fleet.renderers[batch[0].slot]
-        target = self.book.jobs[batch[0].job_id].target
-        if len(batch) == 1:
-            ref = renderer.handle.render.remote(batch[0].task, batch[0].attempt, target)
-        else:
-            ref = renderer.handle.render_batch.remote([(d.task, d.attempt) for d in batch], target)
-        self.fleet.sent(ref, tuple(batch))
-
-    def _collect(self, ref) -> None:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        slot, batch = self.fleet.in_flight[ref]
-        try:
-            got: Result | list[Result] = ray.get(ref)
-        except RayActorError as exc:
-            # Still on the renderer's queue: _renderer_lost sees what it had committed and was running.
-            self._renderer_lost(slot, _first_line(exc, "renderer died"))
-            return
-        except RayTaskError as exc:  # the call broke, not a task (those come back as results)
-            error = str(exc).strip().splitlines()[-1][:2000]
-            self.fleet.collected(ref)
-            for d in self._adopt_committed(slot, [batch]):  # a batch commits each clip as it finishes
-                failed = attempt_result(d.task.task_id, d.attempt, AttemptStatus.FAILED, error, FailureKind.OTHER)
-                self._record_result(slot, d, failed)
-            return
-        self.fleet.collected(ref)
-        for d, result in zip(batch, got if isinstance(got, list) else [got], strict=True):
-            self._record_result(slot, d, result)
-
-    def _record_result(self, slot: str, d: Dispatch, result: Result) -> None:
-        seconds = 0.0
-        if result.succeeded:  # measured clip time per pool: what deadline estimates are made of
-            t = result.timings
-            self.autoscaling.record_clip(pool_of(slot), t.generate_s + t.encode_s + t.write_s)
-            seconds = result.finished_at - result.started_at  # on its renderer: what batches are sized by
-        oom = result.error_kind is FailureKind.OOM  # retried on a pool with more VRAM (scheduler.py)
-        decision = self.scheduler.record(slot, d.job_id, d.task.task_id, result.succeeded, result.error, oom, seconds)
-        self._apply(decision, d, result)
-
-    def _apply(self, decision: Decision, d: Dispatch | None, result: Result | None) -> None:
-        """Write an attempt the scheduler decided on to its job's catalog rows and the metrics."""
-        self._touched.add(decision.job_id)
-        written = self.book.record_attempt(decision, d, result)
-        if written is not None:
-            model, result = written
-            retry = decision.outcome is Outcome.RETRY
-            pool = pool_of(d.slot) if d else ""
-            kind = result.error_kind.value if result.error_kind else ""
-            self.metrics.record_attempt(decision.job_id, pool, model, result.status.value, kind, retry)
 
     def _metrics_snapshot(self) -> FarmSnapshot:
         """What the gauges show at a scrape: running jobs, jobs finished within the TTL, pools."""
