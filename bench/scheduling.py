@@ -3,8 +3,12 @@ ray.util.ActorPool, on the same local Ray, the same workers (farm's Renderer) an
 
 Workloads: (a) ``fake:sleep-50ms`` — a fake model, named as such, that sleeps 50 ms per clip
 (then the clip is encoded and written like any other); (b) the real tiny Wan model (64x64, 9
-frames, 4 steps). Each system runs each workload ``--runs`` times, alternating (the order of the
-systems rotates every run), and the median is reported.
+frames, 4 steps). Each system runs each workload ``--runs`` times in rounds: one run of every
+system a round, in an order from a Williams design (over 6 rounds every system runs first, second
+and last twice, and follows each other system twice), so a machine that slows down or speeds up
+during the benchmark favours no system. Reported: the median of each system's runs, and, paired
+within rounds, the median of farm's makespan ÷ each other system's in the same round (the
+machine's drift between rounds cancels there).
 
 Figures: makespan, from the first task's start to the last task's end, for all three alike;
 makespan ÷ ideal, where ideal = the time per task of one Renderer rendering in this process with
@@ -34,6 +38,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS = 2
 SYSTEMS = ("farm", "ray_data", "actor_pool")
+# Round r runs the systems in ORDERS[r % 6] (indexes into SYSTEMS): a Williams design for three.
+ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0), (0, 2, 1), (1, 0, 2))
 WORKLOADS = {  # label → (model, size WxHxF)
     "a_sleep_50ms": ("fake:sleep-50ms", "16x16x1"),
     "b_tiny_wan": ("tiny", "64x64x9"),
@@ -214,20 +220,39 @@ def workload(label: str, count: int, runs: int, folder: Path) -> dict:
     ideal_s = ideal_task_s * count / WORKERS
     per_run: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
     for i in range(runs):
-        for system in SYSTEMS[i % 3 :] + SYSTEMS[: i % 3]:
+        for system in (SYSTEMS[k] for k in ORDERS[i % len(ORDERS)]):
             result = run_once(system, folder, f"{label}-{system}-{i}".replace("_", "-"), model, count, size)
             result["makespan_vs_ideal"] = round(result["makespan_s"] / ideal_s, 4)
             per_run[system].append(result)
             print(label, system, i, json.dumps(result), flush=True)
     summary = {system: medians(results) for system, results in per_run.items()}
     best_other = min(summary["ray_data"]["makespan_s"], summary["actor_pool"]["makespan_s"])
+    paired = paired_ratios(per_run)
     return {
         "tasks": count,
         "ideal_s_per_task": round(ideal_task_s, 5),
         "ideal_makespan_s": round(ideal_s, 3),
         "median": summary,
         "farm_vs_best_other": round(summary["farm"]["makespan_s"] / best_other, 4),
+        "paired": paired,
+        "farm_vs_best_other_paired": max(paired.values()),
         "runs": per_run,
+    }
+
+
+def paired_ratios(per_run: dict[str, list[dict]]) -> dict[str, float]:
+    """For each other system, the median over rounds of farm's makespan ÷ that system's in the same
+    round. farm ÷ the best of them is the largest of these (each compared on its own: the smaller
+    of two noisy makespans a round would be biased low)."""
+    return {
+        system: round(
+            statistics.median(
+                f["makespan_s"] / o["makespan_s"] for f, o in zip(per_run["farm"], per_run[system], strict=True)
+            ),
+            4,
+        )
+        for system in SYSTEMS
+        if system != "farm"
     }
 
 
