@@ -68,14 +68,16 @@ def cluster(ray_session, tmp_path_factory, shared_model_cache):
         c.stop()
 
 
-def farm(cluster, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def farm(
+    cluster, *args: str, env: dict | None = None, timeout: float = 120, command: list[str] = FARM
+) -> subprocess.CompletedProcess:
     """A farm command in its own process, with the cluster's token and no farm home of its own."""
     client_env = cluster.client_env(**(env or {}))
     for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
         if not env or key not in env:
             client_env.pop(key, None)
     return subprocess.run(
-        [*FARM, *args], env=client_env, cwd=cluster.tmp, capture_output=True, text=True, timeout=timeout
+        [*command, *args], env=client_env, cwd=cluster.tmp, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -129,6 +131,7 @@ def test_detached_submit_survives_a_lost_worker_node_exactly_once(cluster, fault
     cluster.restart_worker("small")  # … and comes back
     final = wait_until(lambda: (s := status())["state"] in ("finished", "failed") and s, 300, "the job to end")
     assert (final["succeeded"], final["failed"], final["pending"]) == (16, 0, 0)
+    assert farm_json_with_an_event_after_it(cluster, "status", job_id) == final
 
     rows = farm_json(cluster, "results", job_id, "--address", cluster.address)
     assert len(rows) == 16 and {r["status"] for r in rows} == {"succeeded"}
@@ -142,6 +145,31 @@ def test_detached_submit_survives_a_lost_worker_node_exactly_once(cluster, fault
     assert len(list((cluster.tmp / "clips" / "remote").glob("*.mp4"))) == 16
     # The client keeps no catalog of its own: everything came through the cluster.
     assert not (cluster.tmp / "farm-data").exists()
+
+
+# A farm command, then what CI once caught by chance: a cluster event ("node … marked dead")
+# published to every driver just after the command printed its JSON and before its process exited.
+EVENT_AFTER_THE_OUTPUT = """
+import sys, time
+from ray._private.utils import publish_error_to_driver
+from ray._raylet import GcsClient
+from farm import cli
+try:
+    cli.main()
+except SystemExit as exit_:
+    code = exit_.code
+publish_error_to_driver("node_died", "farm-test: a node was marked dead", GcsClient(address=sys.argv[-1]))
+time.sleep(3)  # Ray's listener thread would print it now, had the command left Ray connected
+sys.exit(code)
+"""
+
+
+def farm_json_with_an_event_after_it(cluster, *args: str):
+    """farm_json, with a cluster event published to every driver once the command has printed."""
+    command = [sys.executable, "-c", EVENT_AFTER_THE_OUTPUT]
+    result = farm(cluster, *args, "--format", "json", "--address", cluster.address, command=command)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # the JSON alone, nothing after it
 
 
 @pytest.mark.parametrize("case", ["wrong-token", "token-mode-without-token", "no-auth-settings"])

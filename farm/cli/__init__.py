@@ -51,10 +51,27 @@ else:  # pragma: no cover - older typer
 def main() -> None:
     original = sys.stdout
     stdout.real, sys.stdout = original, sys.stderr
+    connected_before = _ray_connected()
     try:
         _run()
     finally:  # called in-process (tests, embedding): leave stdout as it was found
+        if not connected_before:
+            _disconnect_ray()
         stdout.real, sys.stdout = None, original
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _disconnect_ray() -> None:
+    """Ray's listener thread prints cluster events (a node marked dead…) to sys.stdout until the
+    driver disconnects, which would otherwise happen at interpreter exit, after stdout is restored:
+    such a line once landed after 'farm status -f json's JSON. Disconnect while it still goes to
+    stderr."""
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
 
 
 def _run() -> None:
