@@ -40,10 +40,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -64,6 +64,9 @@ from farm.records import (
 )
 from farm.task import AttemptStatus, JobEvent, JobState, StorageKind, Task, TaskStatus
 from farm.verify import VerifiedDone, success_key
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 log = logging.getLogger("farm.catalog")
 
@@ -334,6 +337,8 @@ class Catalog(VerifiedDone):
             return self._attempt_dataset(readable_attempt_files(self, files, folder)).to_table(columns=columns)
 
     def _attempt_dataset(self, files: list[str]) -> ds.Dataset:
+        import pyarrow.dataset as ds  # imports pandas (~0.25 s): only commands that read attempts pay it
+
         return ds.dataset(
             files,
             filesystem=self.fs,
