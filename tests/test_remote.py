@@ -68,16 +68,27 @@ def cluster(ray_session, tmp_path_factory, shared_model_cache):
         c.stop()
 
 
+def client_env(cluster, env: dict | None = None) -> dict:
+    """A client's environment: the cluster's token, no farm home or catalog of its own (unless
+    ``env`` names one)."""
+    client = cluster.client_env(**(env or {}))
+    for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
+        if not env or key not in env:
+            client.pop(key, None)
+    return client
+
+
 def farm(
     cluster, *args: str, env: dict | None = None, timeout: float = 120, command: list[str] = FARM
 ) -> subprocess.CompletedProcess:
     """A farm command in its own process, with the cluster's token and no farm home of its own."""
-    client_env = cluster.client_env(**(env or {}))
-    for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
-        if not env or key not in env:
-            client_env.pop(key, None)
     return subprocess.run(
-        [*command, *args], env=client_env, cwd=cluster.tmp, capture_output=True, text=True, timeout=timeout
+        [*command, *args],
+        env=client_env(cluster, env),
+        cwd=cluster.tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -174,15 +185,15 @@ def farm_json_with_an_event_after_it(cluster, *args: str):
 
 @pytest.mark.parametrize("case", ["wrong-token", "token-mode-without-token", "no-auth-settings"])
 def test_a_client_without_the_token_is_refused(cluster, tmp_path, case):
-    client_env = cluster.client_env(HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
+    env = cluster.client_env(HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
     if case == "wrong-token":
-        client_env["RAY_AUTH_TOKEN"] = "not-the-token"
+        env["RAY_AUTH_TOKEN"] = "not-the-token"
     else:
-        client_env.pop("RAY_AUTH_TOKEN")
+        env.pop("RAY_AUTH_TOKEN")
     if case == "no-auth-settings":
-        client_env.pop("RAY_AUTH_MODE")
+        env.pop("RAY_AUTH_MODE")
     result = subprocess.run(
-        [*FARM, "jobs", "--address", cluster.address], env=client_env, capture_output=True, text=True, timeout=60
+        [*FARM, "jobs", "--address", cluster.address], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -267,12 +278,9 @@ def test_ctrl_c_leaves_the_job_which_a_cancel_from_another_shell_stops_and_wait_
 
     faults(Fault("followed", action="slow", hang_s=2.0))
     path = write_manifest(cluster, "followed", 24)  # 16 s on 3 slots: longer than all the steps take
-    env = cluster.client_env()
-    for key in ("FARM_HOME", "FARM_CATALOG", "FARM_CLUSTER_CONFIG"):
-        env.pop(key, None)
     follower = subprocess.Popen(
         [*FARM, "submit", str(path), "--address", cluster.address, "--wait"],
-        env=env,
+        env=client_env(cluster),
         cwd=cluster.tmp,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

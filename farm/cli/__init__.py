@@ -55,23 +55,18 @@ def main() -> None:
     try:
         _run()
     finally:  # called in-process (tests, embedding): leave stdout as it was found
-        if not connected_before:
-            _disconnect_ray()
+        # Ray's listener thread prints cluster events (a node marked dead…) to sys.stdout until the
+        # driver disconnects, which would otherwise happen at interpreter exit, after stdout is
+        # restored: such a line once landed after 'farm status -f json's JSON. Disconnect while it
+        # still goes to stderr (only a connection this command made).
+        if not connected_before and _ray_connected():
+            sys.modules["ray"].shutdown()
         stdout.real, sys.stdout = None, original
 
 
 def _ray_connected() -> bool:
-    ray = sys.modules.get("ray")
+    ray = sys.modules.get("ray")  # never imported by a command that did not use Ray
     return ray is not None and ray.is_initialized()
-
-
-def _disconnect_ray() -> None:
-    """Ray's listener thread prints cluster events (a node marked dead…) to sys.stdout until the
-    driver disconnects, which would otherwise happen at interpreter exit, after stdout is restored:
-    such a line once landed after 'farm status -f json's JSON. Disconnect while it still goes to
-    stderr."""
-    if _ray_connected():
-        sys.modules["ray"].shutdown()
 
 
 def _run() -> None:
